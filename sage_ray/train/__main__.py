@@ -1,0 +1,41 @@
+"""`python -m sage_ray.train CONFIG.yaml`: run one fine-tune job.
+
+Against a running cluster: `ray job submit -- python -m sage_ray.train configs/finetune/x.yaml`.
+Without one, a local Ray cluster starts for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sage_ray.config import ConfigError, load_train_config
+from sage_ray.data import DatasetError
+from sage_ray.models import ModelNotFoundError
+from sage_ray.presets import DoesNotFitError
+
+USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sage_ray.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="fine-tune YAML (fields of sage_ray.TrainConfig)")
+    parser.add_argument("--name", help="task id (overrides the config's name)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local cluster)")
+    args = parser.parse_args(argv)
+    from sage_ray.train.trainer import TrainingError, finetune
+
+    try:
+        cfg = load_train_config(args.config)
+        if args.name:
+            cfg.name = args.name
+        result = finetune(cfg, address=args.address)
+    except (*USER_ERRORS, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"task {result.task_id} completed: {result.model_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""transformers Trainer callbacks that connect a worker to Ray Train and to the task's log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+class RayCheckpointCallback(TrainerCallback):
+    """Hand each Trainer checkpoint to Ray Train, which keeps it in the task's checkpoints/.
+
+    Only checkpoints go through `ray.train.report` (each report is a barrier of ~2 s in Ray
+    Train V2); live metrics go through ProgressCallback instead.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            source = get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
+            checkpoint = None
+            if source is not None and state.is_world_process_zero:
+                shutil.copytree(source, Path(tmp, CHECKPOINT_SUBDIR))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics={"step": state.global_step}, checkpoint=checkpoint)
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressCallback(TrainerCallback):
+    """On the first worker: a progress event per logging step, to `sink` and the task's log.
+
+    tokens/s counts real (non-pad) tokens of all workers, measured from the end of the first
+    step so that model loading and warm-up do not dilute the steady-state figure.
+    """
+
+    def __init__(self, sink: Callable[[dict], None]):
+        self.sink = sink
+        self.loss_history: list[tuple[int, float]] = []
+        self._t0: float | None = None
+        self._tokens0 = 0
+        self.steady_tokens_per_s: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is None:
+            self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def _rate(self, state) -> float | None:
+        if self._t0 is None or state.global_step <= 1:
+            return None
+        elapsed = time.perf_counter() - self._t0
+        return (state.num_input_tokens_seen - self._tokens0) / elapsed if elapsed > 0 else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        rate = self._rate(state)
+        self.steady_tokens_per_s = rate
+        step, total = state.global_step, state.max_steps
+        eta = None
+        if self._t0 is not None and step > 1:
+            eta = (time.perf_counter() - self._t0) / (step - 1) * (total - step)
+        self.loss_history.append((step, float(logs["loss"])))
+        self.sink({
+            "event": "progress", "step": step, "total_steps": total,
+            "epoch": round(state.epoch or 0.0, 3), "progress": round(100.0 * step / max(total, 1), 1),
+            "loss": round(float(logs["loss"]), 4), "learning_rate": logs.get("learning_rate"),
+            "tokens_per_s": round(rate, 1) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
+        })
+
+
+class LogSink:
+    """Writes progress events as readable lines to stdout (the Ray job log) and train.log."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+
+    def __call__(self, event: dict) -> None:
+        line = (
+            f"step {event['step']}/{event['total_steps']} ({event['progress']:.0f}%) "
+            f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} "
+            f"tokens/s {event['tokens_per_s'] or '-'} eta {format_eta(event['eta_s'])}"
+        )
+        write_log(self.log_path, line, event)
+
+
+def write_log(log_path: Path, line: str, event: dict | None = None) -> None:
+    """One line to stdout and train.log; events also as JSON so tools can parse progress."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"[sage-ray] {line}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(f"{stamp} {line}\n")
+        if event is not None:
+            f.write(f"{stamp} EVENT {json.dumps(event)}\n")

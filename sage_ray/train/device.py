@@ -1,0 +1,32 @@
+"""What device a training worker will get, probed with the workers' own resource request."""
+
+from __future__ import annotations
+
+from sage_ray.presets import DeviceInfo
+
+
+def local_device(use_gpu: bool) -> DeviceInfo:
+    """The device of this process: the first visible GPU, else the machine's memory."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return DeviceInfo("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported())
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return DeviceInfo("cpu", "CPU", memory.total, memory.available, False)
+
+
+def probe_device(use_gpu: bool) -> DeviceInfo:
+    """Run `local_device` in a Ray task that asks for what one worker asks for."""
+    import ray
+
+    task = ray.remote(local_device).options(num_gpus=1 if use_gpu else 0, num_cpus=0)
+    return ray.get(task.remote(use_gpu))
+
+
+def cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

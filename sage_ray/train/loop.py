@@ -1,0 +1,193 @@
+"""The per-worker training procedure that Ray Train runs on every worker.
+
+It reads top to bottom: tokenise the dataset with the model's chat template, load the base
+(quantized where the config says), wrap it with LoRA, train with the transformers Trainer,
+and on the first worker save the adapter, the tokenizer and the run's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from sage_ray.config import TrainConfig
+from sage_ray.data import load_dataset
+from sage_ray.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_examples
+from sage_ray.paths import TaskPaths
+from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback, write_log
+
+
+class _ListDataset(TorchDataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_lora_model(model_dir: str, cfg: TrainConfig, on_gpu: bool):
+    """The base model (bitsandbytes 4/8-bit where asked) wrapped with a fresh LoRA adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        kwargs["quantization_config"] = bnb_config(cfg, dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if on_gpu else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    lora = PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def bnb_config(cfg: TrainConfig, compute_dtype: torch.dtype):
+    from sage_ray.utils import require
+
+    require("bitsandbytes", "4-bit and 8-bit loading", extra=None)
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def make_collator(tokenizer, cfg: TrainConfig):
+    """Padding-free flattening when packing, else every batch padded to max_length."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=cfg.max_length,
+                                  label_pad_token_id=IGNORE_INDEX)
+
+
+def training_arguments(cfg: TrainConfig, output_dir: str, on_gpu: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        bf16=bool(cfg.bf16),
+        fp16=bool(cfg.fp16),
+        activation_checkpointing=bool(cfg.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not on_gpu,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_gpu,
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, log_path: Path | None = None):
+    """Load, tokenise and describe the dataset (each worker does this; it is cheap)."""
+    dataset = load_dataset(cfg.data)
+    items, stats = tokenize_examples(tokenizer, dataset.examples, max_length=cfg.max_length,
+                                     train_on_prompt=cfg.train_on_prompt)
+    if not items:
+        raise ValueError(f"{cfg.data}: no example has an assistant token left after truncation to "
+                         f"max_length={cfg.max_length}; raise max_length")
+    return dataset, [{"input_ids": i.input_ids, "labels": i.labels} for i in items], stats
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point: `loop_config` = {config, model_dir, task_dir}."""
+    import ray.train
+    from transformers import Trainer
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    paths = TaskPaths(cfg.name, root=Path(loop_config["task_dir"]).parent)
+    context = ray.train.get_context()
+    rank0 = context.get_world_rank() == 0
+    on_gpu = torch.cuda.is_available() and bool(cfg.use_gpu)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    tokenizer = load_tokenizer(loop_config["model_dir"])
+    dataset, items, stats = prepare_data(cfg, tokenizer)
+    if rank0:
+        write_log(paths.train_log, f"dataset {dataset.path}: {dataset.format}, " + ", ".join(
+            f"{k} {v}" for k, v in stats.as_dict().items()))
+    model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
+
+    progress = ProgressCallback(LogSink(paths.train_log))
+    callbacks = [progress, RayCheckpointCallback()]
+    if rank0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(paths.logs))))
+    with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
+        trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
+                          train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
+                          processing_class=tokenizer, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        resume = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume = os.path.join(checkpoint.to_directory(), CHECKPOINT_SUBDIR)
+            if rank0:
+                write_log(paths.train_log, f"resuming from {resume}")
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resume)
+        elapsed = time.perf_counter() - started
+
+    if rank0:
+        model.save_pretrained(paths.lora)
+        tokenizer.save_pretrained(paths.lora)
+        result = {
+            "train_loss": output.training_loss,
+            "final_loss": progress.loss_history[-1][1] if progress.loss_history else None,
+            "loss_history": progress.loss_history,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_seconds": round(elapsed, 2),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "tokens_per_s": round(trainer.state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
+            "steady_tokens_per_s": progress.steady_tokens_per_s,
+            "dataset": {**dataset.summary(), **stats.as_dict()},
+            "workers": context.get_world_size(),
+            "device": "cuda" if on_gpu else "cpu",
+        }
+        paths.result.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,121 @@
+"""`finetune(cfg)`: one fine-tune from a TrainConfig to a registered-ready task folder.
+
+The driver validates everything it can before asking Ray for workers (dataset, model,
+preset, memory estimate), runs the per-worker loop on a Ray Train TorchTrainer, then merges
+if asked and writes finetune_meta.json last, so a task with a meta file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sage_ray import cluster
+from sage_ray.config import ConfigError, TrainConfig, dump_train_config
+from sage_ray.data import load_dataset
+from sage_ray.models import resolve_model
+from sage_ray.paths import TaskPaths
+from sage_ray.presets import GiB, apply_preset, check_fits, read_model_config
+from sage_ray.train.callbacks import write_log
+from sage_ray.train.device import cluster_has_gpu, probe_device
+from sage_ray.train.merge import merge_adapter
+from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
+
+
+class TrainingError(RuntimeError):
+    """The training run failed; the message is the workers' error, the log has the rest."""
+
+
+@dataclass
+class FinetuneResult:
+    task_id: str
+    paths: TaskPaths
+    meta: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        """The merged model when there is one, else the adapter."""
+        return Path(self.meta["merged_path"] or self.meta["lora_path"])
+
+
+def new_task_id(task: str) -> str:
+    return f"{task}_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(2)}"
+
+
+def prepare(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths, Path]:
+    """Name the task, check the dataset and resolve the model: every error before Ray work."""
+    if not cfg.data:
+        raise ConfigError("field 'data': no dataset given; pass --data FILE (JSON or JSONL)")
+    cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task),
+                                 "data": str(Path(cfg.data).expanduser().resolve())})
+    paths = TaskPaths(cfg.name)
+    if paths.meta.exists():
+        raise ConfigError(f"task {cfg.name!r} already completed in {paths.dir}; choose another --name or delete it")
+    load_dataset(cfg.data)
+    return cfg, paths, resolve_model(cfg.model)
+
+
+def resolve_resources(cfg: TrainConfig, model_dir: Path):
+    """Pick GPU or CPU, fill the preset for the device a worker gets, and check memory."""
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpu()
+    cpus = cfg.cpus_per_worker or (1 if use_gpu else max(1, cluster.cluster_cpus() // cfg.num_workers))
+    device = probe_device(use_gpu)
+    resolved = apply_preset(cfg.model_copy(update={"use_gpu": use_gpu, "cpus_per_worker": cpus}), device)
+    estimate = check_fits(read_model_config(model_dir), resolved, device)
+    return resolved, device, estimate
+
+
+def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str, Any]:
+    """Run the per-worker loop on Ray Train; re-using the task's run name resumes it."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sage_ray.train.loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+                           "task_dir": str(paths.dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=paths.checkpoints.name, storage_path=str(paths.dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray wraps the worker's exception; keep its message
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise TrainingError(f"training failed: {cause}") from err
+    return json.loads(paths.result.read_text())
+
+
+def finetune(cfg: TrainConfig, *, address: str | None = None) -> FinetuneResult:
+    """Fine-tune `cfg.model` on `cfg.data` with LoRA on Ray Train; merge when `cfg.merge`."""
+    cfg, paths, model_dir = prepare(cfg)
+    cluster.connect(address)
+    cfg, device, estimate = resolve_resources(cfg, model_dir)
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    started_at = now_iso()
+    log = paths.train_log
+    write_log(log, f"task {cfg.name}: model {cfg.model} ({model_dir}), preset {cfg.preset} on {device.describe()}")
+    write_log(log, f"memory estimate per worker: {estimate.describe()}")
+    write_log(log, "effective config:\n" + dump_train_config(cfg))
+    result = run_trainer(cfg, paths, model_dir)
+    write_log(log, f"training done: {result['steps']} steps, loss {result['final_loss']}, "
+                   f"{result['tokens_per_s']} tokens/s")
+    if cfg.merge:
+        write_log(log, f"merging the adapter into {paths.merged}")
+        merge_adapter(paths.lora, model_dir, paths.merged)
+    meta = build_meta(paths, config=cfg.model_dump(mode="json"), base_model=cfg.model,
+                      base_model_path=str(model_dir), result=result, started_at=started_at,
+                      device=device.describe(), memory_estimate_gib=estimate.total / GiB)
+    write_json_atomic(paths.meta, meta)
+    write_log(log, f"completed: {meta['type']} model at {meta['merged_path'] or meta['lora_path']}")
+    return FinetuneResult(cfg.name, paths, meta)
