@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
     """Connect this process to Ray: an explicit address, `RAY_ADDRESS`, or a new local cluster.
 
     Inside `ray job submit` RAY_ADDRESS is set, so the job joins the cluster it was sent to;
@@ -16,7 +16,7 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
 
 
 def cluster_cpus() -> int:

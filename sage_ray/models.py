@@ -64,7 +64,7 @@ def ensure_demo_model(*, progress: bool = True) -> Path:
     return _build_once(
         dest,
         lambda tmp: _convert_gguf(gguf, tmp),
-        f"Converting {DEMO_NAME} (one time, ~20 s)...",
+        f"Converting {DEMO_NAME} (one time, ~30 s)...",
         progress=progress,
     )
 
@@ -76,7 +76,7 @@ def ensure_tiny_model(*, progress: bool = True) -> Path:
     return _build_once(
         models_dir() / TINY_NAME,
         build_tiny_model,
-        "Building the tiny test model (one time, ~2 s)...",
+        "Building the tiny test model (one time, a few seconds)...",
         progress=progress,
     )
 
@@ -163,6 +163,7 @@ def _build_once(dest: Path, build: Callable[[Path], object], message: str, *,
             started = time.monotonic()
             with _progress(message, progress):
                 build(tmp)
+            _make_readable(tmp)
             if dest.exists():  # a folder without config.json: not a usable model
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
@@ -172,6 +173,14 @@ def _build_once(dest: Path, build: Callable[[Path], object], message: str, *,
     if progress:
         _console().print(f"[green]Done[/] in {time.monotonic() - started:.1f} s: {dest}")
     return dest
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp (and safetensors) create private files; a model folder is shared data
+    # that Ray workers or serving processes may read as another user.
+    folder.chmod(0o755)
+    for item in folder.rglob("*"):
+        item.chmod(0o755 if item.is_dir() else 0o644)
 
 
 @contextlib.contextmanager

@@ -20,13 +20,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Qwen2's split regex: on reload AutoTokenizer rebuilds this exact pre-tokenizer for a
-# Qwen2 config, so training with anything else would change the ids after a reload.
-_QWEN_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A model learns from examples, and a good
 dataset has clear questions and helpful answers. Fine-tuning adapts a pretrained model
@@ -81,11 +74,14 @@ def _train_tokenizer():
     """Train a byte-level BPE with exactly Qwen2's normaliser and pre-tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+    # For a Qwen2 config AutoTokenizer rebuilds Qwen's own normaliser and split regex on
+    # reload, so training with anything else would change the ids after a reload.
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -144,8 +140,9 @@ def build_tiny_model(dest: Path, *, seed: int = 0) -> Path:
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    torch.manual_seed(seed)  # same seed -> same weights
-    model = Qwen2ForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
     )

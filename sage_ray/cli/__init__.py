@@ -1,0 +1,15 @@
+"""The `sage` (alias `sage-ray`) command line."""
+
+from __future__ import annotations
+
+import typer
+
+from sage_ray.cli import finetune
+
+app = typer.Typer(help="sage-ray: fine-tune LLMs with LoRA on Ray and chat with the result.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(finetune.app, name="finetune")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,74 @@
+"""What every `sage` command shares: the console, error exits, following a training run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from sage_ray.config import TrainConfig
+
+console = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
+    """Tail train.log: progress events move the bar, other lines are printed as they are."""
+    offset = 0
+    while not stop.is_set():
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                f.seek(offset)
+                for line in f:
+                    _, _, text = line.rstrip("\n").partition(" ")
+                    _, _, text = text.partition(" ")  # drop the date and time stamp
+                    if text.startswith("EVENT "):
+                        event = json.loads(text[6:])
+                        progress.update(bar, total=event["total_steps"], completed=event["step"],
+                                        loss=f"{event['loss']:.4f}", rate=event["tokens_per_s"] or "-")
+                    elif not text.startswith("step "):
+                        progress.console.print(f"[dim]{text}[/]")
+                offset = f.tell()
+        stop.wait(0.3)
+
+
+def run_with_progress(cfg: TrainConfig, address: str | None):
+    """Run `finetune` here, with a progress bar fed from the task's log; user errors exit 1."""
+    from sage_ray import cluster
+    from sage_ray.config import ConfigError
+    from sage_ray.data import DatasetError
+    from sage_ray.models import ModelNotFoundError
+    from sage_ray.paths import TaskPaths
+    from sage_ray.presets import DoesNotFitError
+    from sage_ray.train.trainer import TrainingError, finetune, new_task_id
+
+    cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task)})
+    paths = TaskPaths(cfg.name)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("step {task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn())
+    stop = threading.Event()
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(cfg.name, total=None, loss="-", rate="-")
+        follower = threading.Thread(target=_follow_log, args=(paths.train_log, progress, bar, stop), daemon=True)
+        follower.start()
+        try:
+            cluster.connect(address, log_to_driver=False)
+            return finetune(cfg)
+        except (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError, TrainingError) as err:
+            stop.set()
+            follower.join()
+            fail(f"{err}\nlog: {paths.train_log}")
+        finally:
+            time.sleep(0.4)  # let the follower print the last lines
+            stop.set()
+            follower.join()

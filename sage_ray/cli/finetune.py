@@ -1,0 +1,114 @@
+"""`sage finetune ...`: start, quickstart and merge fine-tunes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sage_ray.cli.common import console, fail, run_with_progress
+from sage_ray.config import TrainConfig, load_train_config, parse_train_config
+
+app = typer.Typer(help="Fine-tune models with LoRA / QLoRA on Ray Train.", no_args_is_help=True)
+
+QUICKSTART_DIR = Path(__file__).resolve().parent.parent / "quickstart"
+
+
+def quickstart_manifest() -> dict:
+    return json.loads((QUICKSTART_DIR / "manifest.json").read_text(encoding="utf-8"))
+
+
+def build_config(base: TrainConfig | None, **options) -> TrainConfig:
+    """The config file's values (if any) with every option the user gave on top."""
+    values = base.model_dump(exclude_unset=True) if base else {}
+    lora = dict(values.pop("lora", {}))
+    for key in ("r", "alpha"):
+        value = options.pop(f"lora_{key}")
+        if value is not None:
+            lora[key] = value
+    values.update({key: value for key, value in options.items() if value is not None})
+    return parse_train_config({**values, "lora": lora}, source="command line")
+
+
+@app.command()
+def start(
+    task: Optional[str] = typer.Option(None, help="Kind of task: code, qa, chat, instruction or custom."),
+    model: Optional[str] = typer.Option(None, help="Base model: local folder, hub id, 'demo' or 'tiny'. (default: demo)"),
+    data: Optional[Path] = typer.Option(None, help="Dataset file, JSON array or JSONL."),
+    preset: Optional[str] = typer.Option(None, help="auto, cpu, minimal, rtx_3060, rtx_4090, a100 or h100. (default: auto)"),
+    epochs: Optional[float] = typer.Option(None, help="Training epochs. (default: 1)"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Per-worker batch size (default: the preset's)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default: the preset's)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate. (default: 2e-4)"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default: the preset's)."),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha (default: the preset's)."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens per example (default: the preset's)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (data parallel). (default: 1)"),
+    name: Optional[str] = typer.Option(None, help="Task id (default: generated)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Merge the adapter into a full model after training."),
+    config: Optional[Path] = typer.Option(None, help="Start from a fine-tune YAML; options given here override it."),
+    address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS, else a local cluster)."),
+) -> None:
+    """Fine-tune a model on a dataset and save the adapter (and merged model with --merge)."""
+    base = load_train_config(config) if config else None
+    cfg = build_config(base, task=task, model=model,
+                       data=str(data) if data else None, preset=preset, epochs=epochs, max_steps=max_steps,
+                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
+                       lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge)
+    result = run_with_progress(cfg, address)
+    console.print(f"[green]done[/] task [bold]{result.task_id}[/]: {result.meta['type']} model at {result.model_path}")
+
+
+@app.command()
+def quickstart(
+    task: str = typer.Argument(..., help="code, qa, chat or instruction."),
+    model: str = typer.Option("demo", help="Base model (default: the demo SmolLM2-135M-Instruct)."),
+    preset: str = typer.Option("auto", help="Memory preset."),
+    epochs: float = typer.Option(1.0, help="Training epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (for a shorter run)."),
+    name: Optional[str] = typer.Option(None, help="Task id (default: generated)."),
+    address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS, else a local cluster)."),
+) -> None:
+    """A short real fine-tune on a dataset shipped with sage-ray, then a reply from the result."""
+    manifest = quickstart_manifest()
+    if task not in manifest:
+        fail(f"unknown quickstart task {task!r}: choose one of {', '.join(manifest)}")
+    entry = manifest[task]
+    console.print(f"[bold]quickstart {task}[/]: {entry['description']}")
+    cfg = TrainConfig(task=task, model=model, data=str(QUICKSTART_DIR / entry["file"]), preset=preset,
+                      epochs=epochs, max_steps=max_steps, name=name, merge=True)
+    result = run_with_progress(cfg, address)
+    console.print(f"[green]done[/] task [bold]{result.task_id}[/]: merged model at {result.model_path}")
+    show_sample_reply(result.model_path, entry["sample_prompt"])
+
+
+def show_sample_reply(model_path: Path, prompt: str) -> None:
+    from transformers import TextStreamer
+
+    from sage_ray.inference import generate_reply, load_chat_model
+
+    model, tokenizer = load_chat_model(model_path)
+    console.print(f"\n[bold cyan]you[/]: {prompt}\n[bold magenta]fine-tuned model[/]: ", end="")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_reply(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=200, streamer=streamer)
+
+
+@app.command()
+def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-tune.")) -> None:
+    """Merge a task's LoRA adapter into its base model (writes <task>/merged_model/)."""
+    from sage_ray.paths import TaskPaths
+    from sage_ray.train.merge import merge_adapter
+    from sage_ray.train.meta import mark_merged, read_meta
+
+    try:
+        paths = TaskPaths(task_id)
+        meta = read_meta(paths)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    with console.status(f"merging {paths.lora} into {meta['base_model_path']}"):
+        merge_adapter(paths.lora, meta["base_model_path"], paths.merged)
+    mark_merged(paths)
+    console.print(f"[green]merged[/]: {paths.merged}")

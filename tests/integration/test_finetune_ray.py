@@ -1,0 +1,62 @@
+"""Fine-tune the tiny model through Ray Train on a real local cluster, 1 and 2 CPU workers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sage_ray import TrainConfig, finetune
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_finetune_tiny_lora_and_merge(ray_cluster, tiny_model_dir, chat_data, workers):
+    cfg = TrainConfig(name=f"tiny-{workers}w", model=str(tiny_model_dir), data=str(chat_data), max_steps=10,
+                      batch_size=4, lr=5e-3, max_length=256, save_steps=5, merge=True, num_workers=workers,
+                      cpus_per_worker=1)
+    result = finetune(cfg)
+    task = ray_cluster.sage_home / "studio_finetune" / f"tiny-{workers}w"
+    assert result.paths.dir == task
+
+    losses = [loss for _step, loss in result.meta["loss_history"]]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (task / "lora" / name).exists(), name
+    assert (task / "merged_model" / "config.json").exists()
+    assert list((task / "logs").glob("events.out.tfevents*")), "no TensorBoard event file"
+    assert list((task / "checkpoints").glob("checkpoint_*/checkpoint/trainer_state.json"))
+    assert "step 10/10" in (task / "train.log").read_text()
+
+    meta = json.loads((task / "finetune_meta.json").read_text())
+    assert meta["task_id"] == f"tiny-{workers}w" and meta["type"] == "merged" and meta["status"] == "completed"
+    assert meta["base_model_path"] == str(tiny_model_dir)
+    assert meta["dataset"]["records"] == 53 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["dataset"]["format"] == "conversations"
+    assert meta["metrics"]["workers"] == workers and meta["metrics"]["steps"] == 10
+    assert meta["config"]["preset"] == "cpu" and meta["config"]["batch_size"] == 4
+
+
+def test_merged_model_matches_adapter_on_base(ray_cluster, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task = ray_cluster.sage_home / "studio_finetune" / "tiny-1w"
+    if not (task / "finetune_meta.json").exists():
+        pytest.skip("needs the 1-worker fine-tune above")
+    tokenizer = AutoTokenizer.from_pretrained(task / "merged_model")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    merged = AutoModelForCausalLM.from_pretrained(task / "merged_model").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), task / "lora").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        merged_logits = merged(**ids).logits
+        adapted_logits = adapted(**ids).logits
+        base_logits = base(**ids).logits
+    assert torch.allclose(merged_logits, adapted_logits, atol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter changed something
+    generated = merged.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
