@@ -71,8 +71,12 @@ def apply_preset(cfg: TrainConfig, device: DeviceInfo | None = None) -> TrainCon
     values = dict(PRESETS[name])
     lora_values = values.pop("lora")
     update = {key: value for key, value in values.items() if getattr(cfg, key) is None}
-    if device is not None and device.kind == "cpu" and cfg.fp16 is None:
-        update["fp16"] = False  # fp16 mixed precision needs a GPU; a preset's choice must not break CPU runs
+    if device is not None and device.kind == "cpu":
+        # A GPU preset asked for on a CPU: fp16 mixed precision and paged optimizers need CUDA.
+        if cfg.fp16 is None:
+            update["fp16"] = False
+        if cfg.optimizer is None and "paged" in update.get("optimizer", ""):
+            update["optimizer"] = "adamw_torch"
     if device is not None and device.kind == "cuda" and update.get("bf16") and not device.bf16:
         update["bf16"], update["fp16"] = False, True
     lora = cfg.lora.model_copy(

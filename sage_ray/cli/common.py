@@ -33,7 +33,7 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
                     _, _, text = text.partition(" ")  # drop the date and time stamp
                     if text.startswith("EVENT "):
                         event = json.loads(text[6:])
-                        progress.update(bar, total=event["total_steps"], completed=event["step"],
+                        progress.update(bar, visible=True, total=event["total_steps"], completed=event["step"],
                                         loss=f"{event['loss']:.4f}", rate=event["tokens_per_s"] or "-")
                     elif not text.startswith("step "):
                         progress.console.print(f"[dim]{text}[/]")
@@ -43,7 +43,6 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
 
 def run_with_progress(cfg: TrainConfig, address: str | None):
     """Run `finetune` here, with a progress bar fed from the task's log; user errors exit 1."""
-    from sage_ray import cluster
     from sage_ray.config import ConfigError
     from sage_ray.data import DatasetError
     from sage_ray.models import ModelNotFoundError
@@ -57,18 +56,18 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
                TextColumn("step {task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn())
     stop = threading.Event()
+    error: Exception | None = None
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(cfg.name, total=None, loss="-", rate="-")
+        bar = progress.add_task(cfg.name, total=None, loss="-", rate="-", visible=False)
         follower = threading.Thread(target=_follow_log, args=(paths.train_log, progress, bar, stop), daemon=True)
         follower.start()
         try:
-            cluster.connect(address, log_to_driver=False)
-            return finetune(cfg)
+            return finetune(cfg, address=address, log_to_driver=False)
         except (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError, TrainingError) as err:
-            stop.set()
-            follower.join()
-            fail(f"{err}\nlog: {paths.train_log}")
+            error = err
         finally:
             time.sleep(0.4)  # let the follower print the last lines
             stop.set()
             follower.join()
+    log = f"\nlog: {paths.train_log}" if paths.train_log.exists() else ""
+    fail(f"{error}{log}")

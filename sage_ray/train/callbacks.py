@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,9 +102,11 @@ class LogSink:
 def write_log(log_path: Path, line: str, event: dict | None = None) -> None:
     """One line to stdout and train.log; events also as JSON so tools can parse progress."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"[sage-ray] {line}", flush=True)
+    # not print(): Ray Train patches print on workers to both log and echo, doubling each line
+    sys.stdout.write(f"[sage-ray] {line}\n")
+    sys.stdout.flush()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as f:
-        f.write(f"{stamp} {line}\n")
+        f.writelines(f"{stamp} {part}\n" for part in line.splitlines())
         if event is not None:
             f.write(f"{stamp} EVENT {json.dumps(event)}\n")

@@ -26,6 +26,12 @@ from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
 
 
+# Ray Train runs the loop in a secondary thread, which glibc gives its own malloc arena;
+# there, torch's large short-lived CPU tensors are mapped and unmapped every step (measured:
+# ~20% fewer tokens/s than the same loop on a main thread). One arena removes most of it.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
 class TrainingError(RuntimeError):
     """The training run failed; the message is the workers' error, the log has the rest."""
 
@@ -84,7 +90,8 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),
         run_config=RunConfig(name=paths.checkpoints.name, storage_path=str(paths.dir),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
     )
     try:
         trainer.fit()
@@ -96,10 +103,14 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     return json.loads(paths.result.read_text())
 
 
-def finetune(cfg: TrainConfig, *, address: str | None = None) -> FinetuneResult:
-    """Fine-tune `cfg.model` on `cfg.data` with LoRA on Ray Train; merge when `cfg.merge`."""
+def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: bool = True) -> FinetuneResult:
+    """Fine-tune `cfg.model` on `cfg.data` with LoRA on Ray Train; merge when `cfg.merge`.
+
+    Joins the cluster at `address` / RAY_ADDRESS or starts a local one; `log_to_driver`
+    False keeps the workers' output out of this process (it is in the task's train.log).
+    """
     cfg, paths, model_dir = prepare(cfg)
-    cluster.connect(address)
+    cluster.connect(address, log_to_driver=log_to_driver)
     cfg, device, estimate = resolve_resources(cfg, model_dir)
     paths.dir.mkdir(parents=True, exist_ok=True)
     started_at = now_iso()

@@ -10,12 +10,22 @@ import torch
 from sage_ray import TrainConfig, finetune
 
 
+_RESULTS: dict = {}
+
+
+def train_tiny(workers: int, model_dir, data):
+    """One fine-tune per worker count, shared by the tests of this module."""
+    if workers not in _RESULTS:
+        cfg = TrainConfig(name=f"tiny-{workers}w", model=str(model_dir), data=str(data), max_steps=10,
+                          batch_size=4, lr=5e-3, max_length=256, save_steps=5, merge=True, num_workers=workers,
+                          cpus_per_worker=1)
+        _RESULTS[workers] = finetune(cfg)
+    return _RESULTS[workers]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_finetune_tiny_lora_and_merge(ray_cluster, tiny_model_dir, chat_data, workers):
-    cfg = TrainConfig(name=f"tiny-{workers}w", model=str(tiny_model_dir), data=str(chat_data), max_steps=10,
-                      batch_size=4, lr=5e-3, max_length=256, save_steps=5, merge=True, num_workers=workers,
-                      cpus_per_worker=1)
-    result = finetune(cfg)
+    result = train_tiny(workers, tiny_model_dir, chat_data)
     task = ray_cluster.sage_home / "studio_finetune" / f"tiny-{workers}w"
     assert result.paths.dir == task
 
@@ -39,13 +49,11 @@ def test_finetune_tiny_lora_and_merge(ray_cluster, tiny_model_dir, chat_data, wo
     assert meta["config"]["preset"] == "cpu" and meta["config"]["batch_size"] == 4
 
 
-def test_merged_model_matches_adapter_on_base(ray_cluster, tiny_model_dir):
+def test_merged_model_matches_adapter_on_base(ray_cluster, tiny_model_dir, chat_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    task = ray_cluster.sage_home / "studio_finetune" / "tiny-1w"
-    if not (task / "finetune_meta.json").exists():
-        pytest.skip("needs the 1-worker fine-tune above")
+    task = train_tiny(1, tiny_model_dir, chat_data).paths.dir
     tokenizer = AutoTokenizer.from_pretrained(task / "merged_model")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -114,7 +114,9 @@ def test_auto_picks_by_free_gpu_memory(free_gib, expected):
 
 def test_auto_without_gpu_is_cpu_and_cpu_never_gets_fp16():
     resolved = apply_preset(TrainConfig(preset="minimal"), CPU)
-    assert resolved.fp16 is False and resolved.load_in_4bit is True
+    assert resolved.fp16 is False and resolved.load_in_4bit is True and resolved.optimizer == "adamw_torch"
+    explicit = apply_preset(TrainConfig(preset="minimal", optimizer="paged_adamw_8bit"), CPU)
+    assert explicit.optimizer == "paged_adamw_8bit"  # the user's choice is kept, even where it will fail
     assert apply_preset(TrainConfig(), CPU).preset == "cpu"
 
 

@@ -1,0 +1,49 @@
+"""`sage finetune start | merge | quickstart` on the session's Ray cluster, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from sage_ray.cli import app
+
+runner = CliRunner(env={"COLUMNS": "400"})  # rich wraps at the terminal width
+
+
+def test_start_then_merge(ray_cluster, tiny_model_dir, chat_data):
+    result = runner.invoke(app, ["finetune", "start", "--model", str(tiny_model_dir), "--data", str(chat_data),
+                                 "--max-steps", "2", "--batch-size", "2", "--max-length", "128",
+                                 "--lora-r", "4", "--name", "cli-start"])
+    assert result.exit_code == 0, result.output
+    assert "task cli-start" in result.output and "lora model at" in result.output
+    task = ray_cluster.sage_home / "studio_finetune" / "cli-start"
+    meta = json.loads((task / "finetune_meta.json").read_text())
+    assert meta["type"] == "lora" and meta["config"]["lora"]["r"] == 4 and meta["config"]["batch_size"] == 2
+
+    merged = runner.invoke(app, ["finetune", "merge", "cli-start"])
+    assert merged.exit_code == 0, merged.output
+    assert (task / "merged_model" / "model.safetensors").exists()
+    assert json.loads((task / "finetune_meta.json").read_text())["type"] == "merged"
+
+
+def test_start_with_bad_dataset_exits_with_the_location(ray_cluster, tiny_model_dir, tmp_path):
+    data = tmp_path / "qa.json"
+    data.write_text('[{"question": "Why?", "answer": "Because."}, {"question": "How?"}]')
+    result = runner.invoke(app, ["finetune", "start", "--model", str(tiny_model_dir), "--data", str(data)])
+    assert result.exit_code == 1
+    assert "qa.json, record 2" in result.output and "answer" in result.output
+
+
+def test_merge_of_unknown_task_is_a_clear_error(ray_cluster):
+    result = runner.invoke(app, ["finetune", "merge", "no-such-task"])
+    assert result.exit_code == 1 and "has not completed" in result.output
+
+
+def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
+    result = runner.invoke(app, ["finetune", "quickstart", "qa", "--model", str(tiny_model_dir),
+                                 "--max-steps", "2", "--name", "qs-qa"])
+    assert result.exit_code == 0, result.output
+    assert "merged model at" in result.output and "What is the capital of Egypt?" in result.output
+    assert "fine-tuned model" in result.output
+    assert (ray_cluster.sage_home / "studio_finetune" / "qs-qa" / "merged_model" / "config.json").exists()
