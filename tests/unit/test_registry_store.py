@@ -1,0 +1,236 @@
+"""The registry's SQLite store without Ray: records, rules, and concurrent writers from
+several threads and processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sage_ray.registry.store import (AlreadyExistsError, InUseError, NotFoundError, RegistryStore,
+                                     RegistryValueError)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RegistryStore:
+    return RegistryStore(tmp_path / "registry.db")
+
+
+def event(step: int, loss: float | None = 1.0, total: int = 100) -> dict:
+    """The shape ProgressCallback emits."""
+    return {"event": "progress", "step": step, "total_steps": total, "epoch": step / total,
+            "progress": 100.0 * step / total, "loss": loss, "learning_rate": 1e-4,
+            "tokens_per_s": 50.0, "eta_s": 10.0}
+
+
+def test_artifact_crud_and_json_fields(store: RegistryStore, tmp_path: Path):
+    store.upsert_artifact({"name": "t1", "kind": "merged", "path": "/m/t1", "task_id": "t1",
+                           "metrics": {"final_loss": 0.5}, "target_modules": ["q_proj", "v_proj"],
+                           "lora_rank": 8, "chat_template": "model", "size_bytes": 123})
+    store.upsert_artifact({"name": "t1-lora", "kind": "lora", "path": "/m/t1/lora", "task_id": "t1"})
+    store.upsert_artifact({"name": "qwen", "kind": "base", "path": "/models/qwen"})
+
+    got = store.get_artifact("t1")
+    assert got["metrics"] == {"final_loss": 0.5} and got["target_modules"] == ["q_proj", "v_proj"]
+    assert got["created_at"] and got["size_bytes"] == 123
+    assert store.get_artifact("nope") is None
+    assert [a["name"] for a in store.list_artifacts(kind="base")] == ["qwen"]
+    assert [a["name"] for a in store.list_artifacts(task_id="t1")] == ["t1", "t1-lora"]  # merged first
+    assert store.get_task_model("t1")["kind"] == "merged"
+
+    # an upsert changes only the fields it gives: metrics and created_at stay
+    updated = store.upsert_artifact({"name": "t1", "kind": "merged", "path": "/m2/t1"})
+    assert updated["path"] == "/m2/t1" and updated["metrics"] == {"final_loss": 0.5}
+    assert updated["created_at"] == got["created_at"]
+
+    store.delete_artifact("t1")
+    assert store.get_task_model("t1")["name"] == "t1-lora"
+    with pytest.raises(NotFoundError):
+        store.delete_artifact("t1")
+    # durable: a second store on the same file (another process, a new actor) sees it all
+    assert {a["name"] for a in RegistryStore(tmp_path / "registry.db").list_artifacts()} == {"t1-lora", "qwen"}
+
+
+def test_names_are_unique(store: RegistryStore):
+    store.upsert_artifact({"name": "a", "kind": "lora", "path": "/a"})
+    store.upsert_artifact({"name": "a", "kind": "lora", "path": "/a2"})
+    assert len(store.list_artifacts()) == 1
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        store.upsert_artifact({"name": "a", "kind": "merged", "path": "/b"}, replace=False)
+    assert store.get_artifact("a")["path"] == "/a2"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"name": "x", "kind": "adapter", "path": "/x"}, "kind"),
+    ({"name": "x", "kind": "lora"}, "path"),
+    ({"name": " x", "kind": "lora", "path": "/x"}, "name"),
+    ({"name": "x", "kind": "lora", "path": "/x", "colour": "red"}, "colour"),
+    ({"name": "x", "kind": "lora", "path": "/x", "chat_template": "mine"}, "chat_template"),
+])
+def test_invalid_artifacts_are_refused(store: RegistryStore, record: dict, message: str):
+    with pytest.raises(RegistryValueError, match=message):
+        store.upsert_artifact(record)
+
+
+def test_deleting_the_active_model_is_refused(store: RegistryStore):
+    store.upsert_artifact({"name": "t1", "kind": "merged", "path": "/m/t1", "task_id": "t1"})
+    store.upsert_artifact({"name": "t2", "kind": "lora", "path": "/m/t2", "task_id": "t2"})
+    assert store.get_active_model() is None
+    store.set_active_model("t1")
+    assert store.get_active_model() == "t1"
+    with pytest.raises(InUseError, match="active model"):
+        store.delete_artifact("t1")
+    store.set_active_model("/m/t2")  # a path names the artifact too
+    with pytest.raises(InUseError):
+        store.delete_artifact("t2")
+    store.create_job("t2", status="completed")
+    with pytest.raises(InUseError):
+        store.delete_job("t2", with_artifacts=True)
+    assert store.get_job("t2") is not None  # refused as a whole
+    store.delete_artifact("t1")
+    store.set_active_model(None)
+    store.delete_job("t2", with_artifacts=True)
+    assert store.list_artifacts() == [] and store.get_job("t2") is None
+
+
+def test_job_lifecycle_and_fields(store: RegistryStore):
+    job = store.create_job("t1", config={"epochs": 1}, ray_job_id="t1", status_detail="waiting for resources")
+    assert job["status"] == "queued" and job["progress"] == 0 and job["loss_history"] == []
+    with pytest.raises(AlreadyExistsError):
+        store.create_job("t1")
+    with pytest.raises(RegistryValueError, match="colour"):
+        store.update_job("t1", colour="red")
+    with pytest.raises(RegistryValueError, match="status"):
+        store.update_job("t1", status="running")
+    with pytest.raises(NotFoundError):
+        store.update_job("nope", status="failed")
+
+    job = store.update_job("t1", status="preparing")
+    assert job["started_at"] and job["status_detail"] is None and job["config"] == {"epochs": 1}
+    job = store.update_job("t1", status="failed", error="CUDA out of memory")
+    assert job["finished_at"] and job["error"] == "CUDA out of memory"
+    # compare-and-set: a cancel that comes after the failure does not overwrite it
+    assert store.update_job("t1", only_if=("queued", "preparing", "training"), status="cancelled") is None
+    assert store.get_job("t1")["status"] == "failed"
+    job = store.update_job("t1", status="queued")  # resume
+    assert job["finished_at"] is None and job["error"] is None
+    with pytest.raises(InUseError, match="cancel it first"):
+        store.delete_job("t1")
+    store.delete_job("t1", force=True)
+    with pytest.raises(NotFoundError):
+        store.delete_job("t1")
+
+
+def test_list_jobs_by_status(store: RegistryStore):
+    for task_id, status in [("a", "queued"), ("b", "training"), ("c", "completed")]:
+        store.create_job(task_id, status=status)
+    assert [j["task_id"] for j in store.list_jobs()] == ["c", "b", "a"]  # newest first
+    assert [j["task_id"] for j in store.list_jobs("training")] == ["b"]
+    assert {j["task_id"] for j in store.list_jobs(["queued", "completed"])} == {"a", "c"}
+
+
+def test_progress_is_monotonic_and_terminal_states_stay(store: RegistryStore):
+    store.create_job("t1", status_detail="waiting for resources")
+    assert store.report_progress("t1", event(1, 2.0))
+    job = store.get_job("t1")
+    assert job["status"] == "training" and job["status_detail"] is None and job["started_at"]
+    assert store.report_progress("t1", event(3, 1.5))
+    assert not store.report_progress("t1", event(2, 9.9))  # late
+    assert not store.report_progress("t1", event(3, 9.9))  # repeated
+    assert store.report_progress("t1", event(4, None))  # no loss: no history point
+    job = store.get_job("t1")
+    assert job["step"] == 4 and job["loss"] is None and job["progress"] == 4.0 and job["tokens_per_s"] == 50.0
+    assert job["loss_history"] == [[1, 2.0], [3, 1.5]]
+
+    store.update_job("t1", status="merging")
+    assert store.report_progress("t1", event(5, 1.0))
+    assert store.get_job("t1")["status"] == "merging"  # progress never changes a later phase back
+    store.update_job("t1", status="cancelled")
+    assert not store.report_progress("t1", event(6, 1.0))
+    job = store.get_job("t1")
+    assert job["status"] == "cancelled" and job["step"] == 5
+
+    job = store.rewind_progress("t1", 3)  # resume from checkpoint 3
+    assert job["step"] == 3 and job["loss_history"] == [[1, 2.0], [3, 1.5]] and job["loss"] == 1.5
+    with pytest.raises(NotFoundError):
+        store.report_progress("nope", event(1))
+    with pytest.raises(RegistryValueError):
+        store.report_progress("t1", {"loss": 1.0})
+
+
+# ---- concurrency: module-level so that spawned processes can import it ----
+
+WORKERS_PER_KIND = 3
+EVENTS = 150
+
+
+def wait_for_all(folder: Path, worker: int, workers: int) -> None:
+    """A barrier across threads and processes, so that every writer really runs at once."""
+    (folder / f"ready-{worker}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("ready-*"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def write_many(db_path: str, worker: int) -> tuple[int, float, float]:
+    """Report EVENTS steps to this worker's own job and to the shared one; plain updates in
+    between. Returns how many shared-job reports were accepted, and when it started and ended."""
+    store = RegistryStore(db_path)
+    workers = 2 * WORKERS_PER_KIND
+    wait_for_all(Path(db_path).parent, worker, workers)
+    accepted, started = 0, time.time()
+    for i in range(1, EVENTS + 1):
+        assert store.report_progress(f"own-{worker}", event(i, 1.0 / i, total=EVENTS))
+        # steps unique across workers: a report overtaken by another worker's is ignored
+        accepted += store.report_progress("shared", event(i * workers + worker, float(worker), total=10**6))
+        store.update_job(f"own-{worker}", status_detail=f"update {i}", eta_s=float(i))
+    return accepted, started, time.time()
+
+
+def test_concurrent_threads_and_processes_lose_no_update(store: RegistryStore):
+    workers = 2 * WORKERS_PER_KIND
+    for worker in range(workers):
+        store.create_job(f"own-{worker}")
+    store.create_job("shared")
+    done = threading.Event()
+    read_errors: list[str] = []
+
+    def read() -> int:
+        last_step, last_len, reads = -1, -1, 0
+        while not done.is_set():
+            job = store.get_job("shared")
+            step, length = job["step"] or 0, len(job["loss_history"])
+            if step < last_step or length < last_len:
+                read_errors.append(f"went back: step {last_step}->{step}, history {last_len}->{length}")
+            last_step, last_len, reads = step, length, reads + 1
+            assert len(store.list_jobs()) == workers + 1
+        return reads
+
+    db = str(store.db_path)
+    spawn = multiprocessing.get_context("spawn")  # fork is unsafe once Ray or threads run here
+    with ProcessPoolExecutor(WORKERS_PER_KIND, mp_context=spawn) as procs, \
+            ThreadPoolExecutor(WORKERS_PER_KIND + 2) as threads:
+        readers = [threads.submit(read) for _ in range(2)]
+        futures = [procs.submit(write_many, db, w) for w in range(WORKERS_PER_KIND)]
+        futures += [threads.submit(write_many, db, w) for w in range(WORKERS_PER_KIND, workers)]
+        results = [f.result(timeout=120) for f in futures]
+        done.set()
+        assert all(r.result() > 0 for r in readers)
+
+    assert max(start for _, start, _ in results) < min(end for _, _, end in results), "writers did not overlap"
+    accepted = sum(n for n, _, _ in results)
+
+    assert read_errors == []
+    for worker in range(workers):
+        job = store.get_job(f"own-{worker}")
+        assert job["step"] == EVENTS and len(job["loss_history"]) == EVENTS
+        assert [s for s, _ in job["loss_history"]] == list(range(1, EVENTS + 1))
+        assert job["status_detail"] == f"update {EVENTS}" and job["eta_s"] == EVENTS
+    shared = store.get_job("shared")
+    steps = [s for s, _ in shared["loss_history"]]
+    assert len(steps) == accepted and steps == sorted(set(steps))  # every accepted report is there, in order
+    assert shared["step"] == EVENTS * workers + workers - 1  # the largest step always wins
