@@ -71,3 +71,41 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
             follower.join()
     log = f"\nlog: {paths.train_log}" if paths.train_log.exists() else ""
     fail(f"{error}{log}")
+
+
+def local_registry():
+    """The registry read in this process (same code and store as the actor): no cluster needed."""
+    from sage_ray.paths import sage_home
+    from sage_ray.registry import RegistryActor
+
+    return RegistryActor(str(sage_home()))
+
+
+def status_text(job: dict) -> str:
+    detail = job.get("status_detail")
+    return f"{job['status']} ({detail})" if detail else job["status"]
+
+
+def job_finished(task_id: str) -> bool:
+    from sage_ray.paths import sage_home
+    from sage_ray.registry import TERMINAL, RegistryStore
+    from sage_ray.registry.actor import DB_NAME
+
+    job = RegistryStore(sage_home() / DB_NAME).get_job(task_id)
+    return job is None or job["status"] in TERMINAL
+
+
+def follow_file(path, until=None, poll_s: float = 0.5) -> None:
+    """Print a file; with `until`, keep printing what is appended until `until()` is true."""
+    import sys
+
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            if until is None or until():
+                sys.stdout.write(f.read())
+                return
+            time.sleep(poll_s)

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from sage_ray.cli.common import console, fail, run_with_progress
+from rich.console import Console
+
+from sage_ray.cli.common import console, fail, follow_file, job_finished, local_registry, run_with_progress, status_text
 from sage_ray.config import TrainConfig, load_train_config, parse_train_config
 
 app = typer.Typer(help="Fine-tune models with LoRA / QLoRA on Ray Train.", no_args_is_help=True)
@@ -100,6 +102,7 @@ def show_sample_reply(model_path: Path, prompt: str) -> None:
 def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-tune.")) -> None:
     """Merge a task's LoRA adapter into its base model (writes <task>/merged_model/)."""
     from sage_ray.paths import TaskPaths
+    from sage_ray.train.callbacks import write_log
     from sage_ray.train.merge import merge_adapter
     from sage_ray.train.meta import mark_merged, read_meta
 
@@ -111,4 +114,58 @@ def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-t
     with console.status(f"merging {paths.lora} into {meta['base_model_path']}"):
         merge_adapter(paths.lora, meta["base_model_path"], paths.merged)
     mark_merged(paths)
+    write_log(paths.train_log, f"merged: {paths.merged}")
     console.print(f"[green]merged[/]: {paths.merged}")
+
+
+@app.command("list")
+def list_tasks() -> None:
+    """Every fine-tune job in the registry: id, status, progress, loss, model."""
+    from rich.table import Table
+
+    jobs = local_registry().list_jobs()
+    if not jobs:
+        console.print("no fine-tune jobs yet: `sage finetune quickstart chat` runs one")
+        return
+    table = Table("task id", "status", "progress", "step", "loss", "model", "created")
+    for job in jobs:
+        config = job.get("config") or {}
+        step = f"{job.get('step') or 0}/{job.get('total_steps') or '?'}"
+        loss = f"{job['loss']:.4f}" if job.get("loss") is not None else "-"
+        table.add_row(job["task_id"], status_text(job), f"{job.get('progress') or 0:.0f}%", step, loss,
+                      str(config.get("model", "?")), (job.get("created_at") or "")[:19])
+    Console().print(table)
+
+
+@app.command()
+def status(task_id: str = typer.Argument(..., help="Task id.")) -> None:
+    """One job's status, progress, loss, throughput and error, and its artifacts."""
+    registry = local_registry()
+    job = registry.get_job(task_id)
+    if job is None:
+        fail(f"no fine-tune job {task_id!r}: `sage finetune list` shows the ids")
+    lines = [f"[bold]{task_id}[/]: {status_text(job)}",
+             f"progress {job.get('progress') or 0:.0f}%  step {job.get('step') or 0}/{job.get('total_steps') or '?'}"
+             f"  epoch {job.get('epoch') or 0:.2f}  loss {job.get('loss') if job.get('loss') is not None else '-'}"
+             f"  tokens/s {job.get('tokens_per_s') or '-'}",
+             f"log: {job.get('log_path')}"]
+    if job.get("error"):
+        lines.append(f"[red]error:[/] {job['error']}")
+    for artifact in registry.list_artifacts(task_id=task_id):
+        lines.append(f"{artifact['kind']}: {artifact['name']} at {artifact['path']}")
+    Console().print("\n".join(lines))
+
+
+@app.command()
+def logs(task_id: str = typer.Argument(..., help="Task id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends.")) -> None:
+    """Print a job's train.log (progress lines, dataset stats, errors)."""
+    from sage_ray.paths import TaskPaths
+
+    try:
+        path = TaskPaths(task_id).train_log
+    except ValueError as err:
+        fail(str(err))
+    if not path.exists():
+        fail(f"no log for {task_id!r} at {path}")
+    follow_file(path, until=(lambda: job_finished(task_id)) if follow else None)

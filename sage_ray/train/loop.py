@@ -22,6 +22,7 @@ from sage_ray.data import load_dataset
 from sage_ray.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_examples
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback, write_log
+from sage_ray.train.tracking import FanOut, RegistrySink
 
 
 class _ListDataset(TorchDataset):
@@ -120,7 +121,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str, on_gpu: bool):
     )
 
 
-def prepare_data(cfg: TrainConfig, tokenizer, log_path: Path | None = None):
+def prepare_data(cfg: TrainConfig, tokenizer):
     """Load, tokenise and describe the dataset (each worker does this; it is cheap)."""
     dataset = load_dataset(cfg.data)
     items, stats = tokenize_examples(tokenizer, dataset.examples, max_length=cfg.max_length,
@@ -132,7 +133,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, log_path: Path | None = None):
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point: `loop_config` = {config, model_dir, task_dir}."""
+    """Ray Train entry point: `loop_config` = {config, model_dir, task_dir, sage_home}."""
     import ray.train
     from transformers import Trainer
     from transformers.integrations import TensorBoardCallback
@@ -152,7 +153,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"{k} {v}" for k, v in stats.as_dict().items()))
     model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
 
-    progress = ProgressCallback(LogSink(paths.train_log))
+    sink = LogSink(paths.train_log)
+    if rank0:
+        sink = FanOut(sink, RegistrySink(cfg.name, loop_config["sage_home"]))
+    progress = ProgressCallback(sink)
     callbacks = [progress, RayCheckpointCallback()]
     if rank0:
         from torch.utils.tensorboard import SummaryWriter

@@ -18,12 +18,13 @@ from sage_ray import cluster
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.data import load_dataset
 from sage_ray.models import resolve_model
-from sage_ray.paths import TaskPaths
+from sage_ray.paths import TaskPaths, sage_home
 from sage_ray.presets import GiB, apply_preset, check_fits, read_model_config
 from sage_ray.train.callbacks import write_log
 from sage_ray.train.device import cluster_has_gpu, probe_device
 from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
+from sage_ray.train.tracking import JobTracker
 
 
 # Ray Train runs the loop in a secondary thread, which glibc gives its own malloc arena;
@@ -52,8 +53,8 @@ def new_task_id(task: str) -> str:
     return f"{task}_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(2)}"
 
 
-def prepare(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths, Path]:
-    """Name the task, check the dataset and resolve the model: every error before Ray work."""
+def name_task(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths]:
+    """Give the task its id and an absolute dataset path; refuse to overwrite a finished task."""
     if not cfg.data:
         raise ConfigError("field 'data': no dataset given; pass --data FILE (JSON or JSONL)")
     cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task),
@@ -61,8 +62,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths, Path]:
     paths = TaskPaths(cfg.name)
     if paths.meta.exists():
         raise ConfigError(f"task {cfg.name!r} already completed in {paths.dir}; choose another --name or delete it")
-    load_dataset(cfg.data)
-    return cfg, paths, resolve_model(cfg.model)
+    return cfg, paths
 
 
 def resolve_resources(cfg: TrainConfig, model_dir: Path):
@@ -86,7 +86,7 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
-                           "task_dir": str(paths.dir)},
+                           "task_dir": str(paths.dir), "sage_home": str(sage_home())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),
         run_config=RunConfig(name=paths.checkpoints.name, storage_path=str(paths.dir),
@@ -108,9 +108,22 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
 
     Joins the cluster at `address` / RAY_ADDRESS or starts a local one; `log_to_driver`
     False keeps the workers' output out of this process (it is in the task's train.log).
+    The job's record in the registry follows the run; a failure keeps its error there.
     """
-    cfg, paths, model_dir = prepare(cfg)
+    cfg, paths = name_task(cfg)
     cluster.connect(address, log_to_driver=log_to_driver)
+    tracker = JobTracker(cfg.name, sage_home())
+    tracker.begin(cfg.model_dump(mode="json"), paths)
+    try:
+        return _run(cfg, paths, tracker)
+    except BaseException as err:
+        tracker.fail(err)
+        raise
+
+
+def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneResult:
+    load_dataset(cfg.data)  # a bad dataset fails here, before any worker starts
+    model_dir = resolve_model(cfg.model)
     cfg, device, estimate = resolve_resources(cfg, model_dir)
     paths.dir.mkdir(parents=True, exist_ok=True)
     started_at = now_iso()
@@ -118,15 +131,18 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
     write_log(log, f"task {cfg.name}: model {cfg.model} ({model_dir}), preset {cfg.preset} on {device.describe()}")
     write_log(log, f"memory estimate per worker: {estimate.describe()}")
     write_log(log, "effective config:\n" + dump_train_config(cfg))
+    tracker.status("preparing", config=cfg.model_dump(mode="json"))
     result = run_trainer(cfg, paths, model_dir)
     write_log(log, f"training done: {result['steps']} steps, loss {result['final_loss']}, "
                    f"{result['tokens_per_s']} tokens/s")
     if cfg.merge:
+        tracker.status("merging")
         write_log(log, f"merging the adapter into {paths.merged}")
         merge_adapter(paths.lora, model_dir, paths.merged)
     meta = build_meta(paths, config=cfg.model_dump(mode="json"), base_model=cfg.model,
                       base_model_path=str(model_dir), result=result, started_at=started_at,
                       device=device.describe(), memory_estimate_gib=estimate.total / GiB)
     write_json_atomic(paths.meta, meta)
+    tracker.complete(paths)
     write_log(log, f"completed: {meta['type']} model at {meta['merged_path'] or meta['lora_path']}")
     return FinetuneResult(cfg.name, paths, meta)

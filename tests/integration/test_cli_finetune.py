@@ -47,3 +47,18 @@ def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
     assert "merged model at" in result.output and "What is the capital of Egypt?" in result.output
     assert "fine-tuned model" in result.output
     assert (ray_cluster.sage_home / "studio_finetune" / "qs-qa" / "merged_model" / "config.json").exists()
+
+
+def test_list_status_logs_and_model_show(ray_cluster, tiny_model_dir, chat_data):
+    if not (ray_cluster.sage_home / "studio_finetune" / "cli-start" / "merged_model").exists():
+        test_start_then_merge(ray_cluster, tiny_model_dir, chat_data)  # when this test runs alone
+    listed = runner.invoke(app, ["finetune", "list"])
+    assert listed.exit_code == 0 and "cli-start" in listed.output and "completed" in listed.output
+    status = runner.invoke(app, ["finetune", "status", "cli-start"])
+    assert status.exit_code == 0 and "completed" in status.output and "merged: cli-start" in status.output
+    logs = runner.invoke(app, ["finetune", "logs", "cli-start", "--follow"])
+    assert logs.exit_code == 0 and "step 2/2" in logs.output and "merged: " in logs.output
+    models = runner.invoke(app, ["llm", "model", "show"])
+    assert models.exit_code == 0 and "cli-start" in models.output and "merged" in models.output
+    unknown = runner.invoke(app, ["finetune", "status", "nope"])
+    assert unknown.exit_code == 1 and "no fine-tune job 'nope'" in unknown.output

@@ -68,3 +68,45 @@ def test_merged_model_matches_adapter_on_base(ray_cluster, tiny_model_dir, chat_
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter changed something
     generated = merged.generate(**ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_registry_has_the_job_and_its_artifacts(ray_cluster, tiny_model_dir, chat_data):
+    import ray
+
+    from sage_ray.registry import get_registry
+
+    train_tiny(1, tiny_model_dir, chat_data)
+    registry = get_registry(ray_cluster.sage_home)
+    job = ray.get(registry.get_job.remote("tiny-1w"))
+    assert job["status"] == "completed" and job["progress"] == 100.0 and job["error"] is None
+    steps = [step for step, _loss in job["loss_history"]]
+    assert steps == list(range(1, 11))
+    artifacts = {a["name"]: a for a in ray.get(registry.list_artifacts.remote(task_id="tiny-1w"))}
+    assert artifacts["tiny-1w"]["kind"] == "merged" and artifacts["tiny-1w-lora"]["kind"] == "lora"
+    assert artifacts["tiny-1w-lora"]["path"].endswith("tiny-1w/lora")
+
+
+def test_progress_reaches_the_registry_while_training(ray_cluster, tiny_model_dir, chat_data):
+    """Live progress arrives every logging step, not only at checkpoints, and never goes back."""
+    import threading
+    import time
+
+    import ray
+
+    from sage_ray.registry import get_registry
+
+    cfg = TrainConfig(name="live", model=str(tiny_model_dir), data=str(chat_data), max_steps=12, batch_size=2,
+                      max_length=128, save_steps=100, cpus_per_worker=1)
+    runner = threading.Thread(target=finetune, args=(cfg,))
+    runner.start()
+    registry = get_registry(ray_cluster.sage_home)
+    seen = []
+    while runner.is_alive():
+        job = ray.get(registry.get_job.remote("live"))
+        if job and job["status"] == "training":
+            seen.append((job["step"], job["progress"], len(job["loss_history"])))
+        time.sleep(0.2)
+    runner.join()
+    assert len({step for step, _p, _n in seen}) >= 3, seen  # several distinct steps observed mid-run
+    assert seen == sorted(seen)  # step, progress and history only grow
+    assert ray.get(registry.get_job.remote("live"))["status"] == "completed"

@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from sage_ray import TrainConfig
 from sage_ray.config import dump_train_config
+from sage_ray.registry import get_registry
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -48,3 +51,14 @@ def test_job_with_bad_dataset_fails_with_the_dataset_error(ray_cluster, tiny_mod
     assert proc.returncode != 0
     assert "broken.jsonl, line 2" in proc.stdout + proc.stderr and "'output'" in proc.stdout + proc.stderr
     assert not (ray_cluster.sage_home / "studio_finetune" / "bad-data" / "finetune_meta.json").exists()
+    job = ray.get(get_registry(ray_cluster.sage_home).get_job.remote("bad-data"))
+    assert job["status"] == "failed" and "broken.jsonl, line 2" in job["error"]
+
+
+def test_submitted_job_registers_itself(ray_cluster, tiny_model_dir, chat_data, tmp_path):
+    job = ray.get(get_registry(ray_cluster.sage_home).get_job.remote("submitted"))
+    if job is None:  # run alone: submit it here
+        test_job_submit_trains_and_writes_the_task(ray_cluster, tiny_model_dir, chat_data, tmp_path)
+        job = ray.get(get_registry(ray_cluster.sage_home).get_job.remote("submitted"))
+    assert job["status"] == "completed" and job["ray_job_id"].startswith("raysubmit_")
+    assert len(job["loss_history"]) == 3
