@@ -36,7 +36,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128, streamer=None) -> str:
+def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128, streamer=None,
+                   repetition_penalty: float = 1.0) -> str:
     """Greedy reply to `messages`; tokens go to `streamer` as they come when one is given."""
     import torch
 
@@ -45,5 +46,6 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=stop_token_ids(model, tokenizer),
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, streamer=streamer)
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, streamer=streamer,
+                                repetition_penalty=repetition_penalty)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

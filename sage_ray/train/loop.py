@@ -136,7 +136,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: `loop_config` = {config, model_dir, task_dir, sage_home}."""
     import ray.train
     from transformers import Trainer
-    from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback
 
     cfg = TrainConfig.model_validate(loop_config["config"])
@@ -153,15 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"{k} {v}" for k, v in stats.as_dict().items()))
     model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
 
-    sink = LogSink(paths.train_log)
-    if rank0:
-        sink = FanOut(sink, RegistrySink(cfg.name, loop_config["sage_home"]))
-    progress = ProgressCallback(sink)
-    callbacks = [progress, RayCheckpointCallback()]
-    if rank0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(paths.logs))))
+    progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"])
     with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
         trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
                           train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
@@ -180,18 +171,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank0:
         model.save_pretrained(paths.lora)
         tokenizer.save_pretrained(paths.lora)
-        result = {
-            "train_loss": output.training_loss,
-            "final_loss": progress.loss_history[-1][1] if progress.loss_history else None,
-            "loss_history": progress.loss_history,
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "train_seconds": round(elapsed, 2),
-            "tokens_seen": trainer.state.num_input_tokens_seen,
-            "tokens_per_s": round(trainer.state.num_input_tokens_seen / elapsed, 1) if elapsed else None,
-            "steady_tokens_per_s": progress.steady_tokens_per_s,
-            "dataset": {**dataset.summary(), **stats.as_dict()},
-            "workers": context.get_world_size(),
-            "device": "cuda" if on_gpu else "cpu",
-        }
+        result = run_figures(trainer, output, progress, elapsed)
+        result.update(dataset={**dataset.summary(), **stats.as_dict()}, workers=context.get_world_size(),
+                      device="cuda" if on_gpu else "cpu")
         paths.result.write_text(json.dumps(result, indent=2))
+
+
+def make_callbacks(task_id: str, paths: TaskPaths, rank0: bool, sage_home: str):
+    """Progress (log, and registry from the first worker), checkpoints to Ray, TensorBoard."""
+    from transformers.integrations import TensorBoardCallback
+
+    sink = LogSink(paths.train_log)
+    if rank0:
+        sink = FanOut(sink, RegistrySink(task_id, sage_home))
+    progress = ProgressCallback(sink)
+    callbacks = [progress, RayCheckpointCallback()]
+    if rank0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(paths.logs))))
+    return progress, callbacks
+
+
+def run_figures(trainer, output, progress: ProgressCallback, elapsed: float) -> dict[str, Any]:
+    """What train_result.json (and so finetune_meta.json's metrics) records of the run."""
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        "train_loss": output.training_loss,
+        "final_loss": progress.loss_history[-1][1] if progress.loss_history else None,
+        "loss_history": progress.loss_history,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_seconds": round(elapsed, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+        "steady_tokens_per_s": progress.steady_tokens_per_s,
+    }
