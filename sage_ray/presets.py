@@ -211,9 +211,10 @@ def check_fits(model_config: dict[str, Any], cfg: TrainConfig, device: DeviceInf
     if device.kind == "cuda":
         for name in reversed(GPU_PRESETS):
             candidate = apply_preset(TrainConfig(preset=name, model=cfg.model), device)
-            if estimate_memory(model_config, candidate).total <= device.free_bytes:
+            needed = estimate_memory(model_config, candidate).total
+            if needed <= device.free_bytes:
                 if name != cfg.preset:
-                    advice = f"try --preset {name} (it needs {estimate_memory(model_config, candidate).total / GiB:.1f} GiB)"
+                    advice = f"try --preset {name} (it needs {needed / GiB:.1f} GiB)"
                 break
     raise DoesNotFitError(
         f"this fine-tune needs about {estimate.describe()} per worker, but {device.describe()} "

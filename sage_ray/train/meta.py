@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sage_ray.paths import TaskPaths
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+from sage_ray.registry.store import now_iso
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
