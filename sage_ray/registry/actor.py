@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Collection
 
 from sage_ray.paths import sage_home as default_sage_home
+from sage_ray.registry import taskfiles
 from sage_ray.registry.discovery import discover
-from sage_ray.registry.store import (ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
+from sage_ray.registry.queue import SlotQueue, ray_cluster_state
+from sage_ray.registry.store import (TERMINAL, ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
                                      RegistryStore)
 
 ACTOR_NAME = "sage_registry"
@@ -42,6 +44,7 @@ class RegistryActor:
     def __init__(self, sage_home: str, *, discover_on_start: bool = True):
         self.sage_home = Path(sage_home).expanduser().absolute()
         self.store = RegistryStore(self.sage_home / DB_NAME)
+        self.queue = SlotQueue(ray_cluster_state)
         if discover_on_start:
             try:
                 self.discover()
@@ -56,7 +59,10 @@ class RegistryActor:
         """Register what discovery finds on disk; return how many artifacts it found. With
         `prune`, also forget records under SAGE_HOME's model folders whose files are gone or
         that duplicate a discovered path under an old name (a task merged, then un-merged)."""
-        found = discover(self.sage_home)
+        # a task whose job was cancelled or failed may hold a finished-looking folder (a cancel
+        # that raced the last write): never register its files as a complete model
+        unfinished = {job["task_id"] for job in self.store.list_jobs(("failed", "cancelled"))}
+        found = [record for record in discover(self.sage_home) if record.get("task_id") not in unfinished]
         for record in found:
             self.store.upsert_artifact(record)
         if prune:
@@ -121,8 +127,51 @@ class RegistryActor:
     def set_active_model(self, name_or_path: str | None) -> None:
         self.store.set_active_model(name_or_path)
 
+    # The queue and the task folders (on the head node's disk, where this actor runs).
+
+    def acquire_slot(self, task_id: str, need: dict[str, float], limit: int | None = None,
+                     driver: str | None = None) -> dict[str, Any]:
+        """A job's driver asks to start: granted (status preparing) or still queued, and why."""
+        return self.queue.acquire(self.store, task_id, need, limit, driver)
+
+    def write_config(self, task_id: str, text: str) -> str:
+        return taskfiles.write_config(self._paths(task_id), text)
+
+    def read_log(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        """Whole lines of the task's train.log from byte `offset`, and the offset after them."""
+        return taskfiles.read_chunk(self._paths(task_id).train_log, offset)
+
+    def tail_log(self, task_id: str, lines: int | None = None) -> str:
+        return taskfiles.read_tail(self._paths(task_id).train_log, lines)
+
+    def checkpoint_step(self, task_id: str) -> int | None:
+        return taskfiles.checkpoint_step(self._paths(task_id))
+
+    def delete_task(self, task_id: str) -> bool:
+        """Forget a finished job and its artifacts, then remove its folder; refused (InUseError)
+        while it runs or while one of its models is the active one. True if files were removed."""
+        job = self.store.get_job(task_id)
+        if job is not None and job["status"] not in TERMINAL:
+            raise InUseError(f"job {task_id!r} is {job['status']}; cancel it first: sage finetune cancel {task_id}")
+        paths = self._paths(task_id)
+        if job is not None:
+            self.store.delete_job(task_id, with_artifacts=True)
+        else:  # files and artifacts of a task run before the registry knew it
+            for artifact in self.store.list_artifacts(task_id=task_id):
+                self.store.delete_artifact(artifact["name"])
+        return taskfiles.remove_task_dir(paths)
+
+    def _paths(self, task_id: str):
+        return taskfiles.task_paths(self.sage_home, task_id)
+
     def get_active_model(self) -> str | None:
         return self.store.get_active_model()
+
+    def set_serving(self, state: dict[str, Any]) -> None:
+        self.store.set_serving(state)
+
+    def get_serving(self) -> dict[str, Any] | None:
+        return self.store.get_serving()
 
 
 def get_registry(sage_home: str | os.PathLike | None = None, *, name: str = ACTOR_NAME,

@@ -22,6 +22,7 @@ STATUSES = ("queued", "preparing", "training", "merging", "completed", "failed",
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 RUNNING = frozenset({"preparing", "training", "merging"})
 ACTIVE_MODEL_KEY = "active_model"
+SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -76,6 +77,7 @@ class JobRecord(TypedDict, total=False):
     error: str | None
     log_path: str | None
     created_at: str
+    queued_at: str | None  # when it last entered the queue: waiting jobs start in this order
     started_at: str | None
     finished_at: str | None
 
@@ -88,7 +90,7 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, ray_job_id TEXT, config TEXT,
         status TEXT NOT NULL, status_detail TEXT, progress REAL NOT NULL DEFAULT 0, epoch REAL, step INTEGER,
         total_steps INTEGER, loss REAL, loss_history TEXT NOT NULL DEFAULT '[]', tokens_per_s REAL, eta_s REAL,
-        error TEXT, log_path TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT)""",
+        error TEXT, log_path TEXT, created_at TEXT NOT NULL, queued_at TEXT, started_at TEXT, finished_at TEXT)""",
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)",
     "PRAGMA user_version = 1",  # the schema's version, for later migrations
 )
@@ -102,6 +104,11 @@ _NOT_TERMINAL = f"status NOT IN ({', '.join(repr(s) for s in sorted(TERMINAL))})
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def now_precise() -> str:
+    """Microseconds: jobs queued within the same second still keep their order."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _encode(field: str, value: Any) -> Any:
@@ -140,6 +147,9 @@ class RegistryStore:
         with self._write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
+            # stores written before the queue existed lack queued_at: add it in place
+            if "queued_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}:
+                conn.execute("ALTER TABLE jobs ADD COLUMN queued_at TEXT")
 
     def __reduce__(self):  # a copy sent to another process opens its own connections
         return (type(self), (str(self.db_path),))
@@ -233,7 +243,8 @@ class RegistryStore:
         """Record a new job; refused when the task id is taken."""
         _check_choice(status, STATUSES, "status")
         row = {"task_id": task_id, "ray_job_id": ray_job_id, "config": config, "status": status,
-               "status_detail": status_detail, "log_path": log_path, "created_at": now_iso()}
+               "status_detail": status_detail, "log_path": log_path, "created_at": now_iso(),
+               "queued_at": now_precise() if status == "queued" else None}
         with self._write() as conn:
             try:
                 conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -344,6 +355,17 @@ class RegistryStore:
         """The Studio's active model as it was set, or None."""
         return self._setting(self._conn(), ACTIVE_MODEL_KEY)
 
+    def set_serving(self, state: dict[str, Any]) -> None:
+        """Record what the LLM service serves (model, state, last load error) for every reader."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (SERVING_KEY, json.dumps(state)))
+
+    def get_serving(self) -> dict[str, Any] | None:
+        """The LLM service's last recorded state, or None before it ever reported."""
+        return self._setting(self._conn(), SERVING_KEY)
+
     @staticmethod
     def _setting(conn: sqlite3.Connection, key: str) -> Any:
         row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -356,6 +378,8 @@ def _implied_by_status(current: dict[str, Any], new: str | None) -> dict[str, An
     if new is None or new == old:
         return {}
     implied: dict[str, Any] = {"status_detail": None}
+    if new == "queued":  # back in the queue (resumed): behind the jobs already waiting
+        implied["queued_at"] = now_precise()
     if new in RUNNING and current["started_at"] is None:
         implied["started_at"] = now_iso()
     if new in TERMINAL:

@@ -1,0 +1,83 @@
+"""Changing the Studio's declared model through Serve's config API (the dashboard's REST API).
+
+Only a config deploy changes a deployment's `user_config` in place (replicas run
+`reconfigure`, nothing restarts); `serve.run` again would restart them. A config deploy
+replaces every config-deployed application, so the whole current config is sent back with
+one field changed. An app first started by import path (`serve run apps.studio:app`) has no
+config yet: the first switch writes one, which Serve applies with one restart; after that,
+switches are in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sage_ray.serve.settings import INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, StudioSettings
+
+BUILDER = "sage_ray.serve.app:build_app"
+
+
+def dashboard_url() -> str:
+    """The connected cluster's dashboard (where Serve's REST API lives), from any Ray process."""
+    from ray._private.services import get_webui_url_from_internal_kv
+
+    url = get_webui_url_from_internal_kv()
+    if not url:
+        raise RuntimeError("this Ray cluster runs without its dashboard; start it with the dashboard "
+                           "(ray start --head --include-dashboard=true) so the Studio can switch models")
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def _client():
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url())
+
+
+def serve_details() -> dict[str, Any]:
+    return _client().get_serve_details()
+
+
+def app_config(details: dict[str, Any], app_name: str, settings: StudioSettings) -> dict[str, Any]:
+    """The app's deployed config, or one written from its settings when it was started by import path."""
+    app = details.get("applications", {}).get(app_name) or {}
+    if app.get("deployed_app_config"):
+        return copy.deepcopy(app["deployed_app_config"])
+    return {"name": app_name, "route_prefix": app.get("route_prefix") or "/", "import_path": BUILDER,
+            "args": settings.model_dump(mode="json"), "deployments": []}
+
+
+def with_llm_user_config(config: dict[str, Any], user_config: dict[str, Any]) -> dict[str, Any]:
+    deployments = [d for d in config.get("deployments", []) if d.get("name") != LLM_DEPLOYMENT]
+    current = next((d for d in config.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), {})
+    return {**config, "deployments": [*deployments, {**current, "name": LLM_DEPLOYMENT, "user_config": user_config}]}
+
+
+def declare_model(settings: StudioSettings, app_name: str, ref: str) -> bool:
+    """Declare `ref` as the app's model by a whole-config deploy; True when the app had a config
+    already (the switch happens in place), False when this deploy takes the app over."""
+    client = _client()
+    details = client.get_serve_details()
+    mine = app_config(details, app_name, settings)
+    previous = next((d.get("user_config") for d in mine.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), None)
+    user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref}
+    others = [copy.deepcopy(app["deployed_app_config"]) for name, app in details.get("applications", {}).items()
+              if name != app_name and app.get("deployed_app_config")]
+    body: dict[str, Any] = {"applications": [*others, with_llm_user_config(mine, user_config)]}
+    http = details.get("http_options") or {}
+    if http:
+        body["http_options"] = {k: http[k] for k in ("host", "port") if k in http}
+    if details.get("proxy_location"):
+        body["proxy_location"] = details["proxy_location"]
+    client.deploy_applications(body)
+    return bool((details.get("applications", {}).get(app_name) or {}).get("deployed_app_config"))
+
+
+def deployment_status(details: dict[str, Any], app_name: str, deployment: str = LLM_DEPLOYMENT) -> str | None:
+    """HEALTHY, UPDATING, UNHEALTHY, ... of one deployment, or None when it is not deployed."""
+    app = details.get("applications", {}).get(app_name) or {}
+    return (app.get("deployments", {}).get(deployment) or {}).get("status")
+
+
+__all__ = ["INGRESS_DEPLOYMENT", "declare_model", "deployment_status", "serve_details", "dashboard_url"]

@@ -1,0 +1,119 @@
+"""StudioIngress: the Studio's HTTP front door on Ray Serve.
+
+One FastAPI app holds the OpenAI API (/v1), the Studio API (/api) and the Gradio web UI (/).
+The app is built inside the replica (`__serve_build_asgi_app__`), never pickled: Gradio's
+Blocks do not survive pickling (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from sage_ray.serve.settings import INGRESS_DEPLOYMENT, StudioSettings
+
+log = logging.getLogger("ray.serve")
+PUBLIC_PATHS = ("/api/health",)
+
+
+def _error(status: int, message: str, detail: dict[str, Any] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **(detail or {})}},
+                        status_code=status)
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The original exception inside Ray's wrappers (RayTaskError and friends)."""
+    cause = getattr(err, "cause", None)
+    return _unwrap(cause) if isinstance(cause, BaseException) and cause is not err else err
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    from sage_ray.serve.llm_server import ModelUnavailableError
+    from sage_ray.serve.resolve import ModelRefError
+    from sage_ray.serve.service import ServiceError, user_error
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, err: ServiceError):
+        return _error(err.status, str(err), err.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                             for e in err.errors())
+        return _error(400, f"bad request: {problems}")
+
+    @app.exception_handler(Exception)
+    async def wrapped(_: Request, err: Exception):
+        inner = _unwrap(err)
+        if isinstance(inner, ModelUnavailableError):
+            return _error(503, str(inner))
+        if isinstance(inner, ModelRefError):
+            return _error(inner.status, str(inner))
+        try:
+            mapped = user_error(inner)
+        except Exception:
+            log.exception("StudioIngress: unexpected error")
+            return _error(500, f"internal error: {type(inner).__name__}: {inner}")
+        return _error(mapped.status, str(mapped), mapped.detail)
+
+
+def install_auth(app: FastAPI, api_key: str | None) -> None:
+    """With an API key set, /v1 and /api need `Authorization: Bearer <key>` (the UI has its own login)."""
+    if not api_key:
+        return
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        path = request.url.path
+        if path.startswith(("/v1", "/api")) and path not in PUBLIC_PATHS:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return _error(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
+        return await call_next(request)
+
+
+def build_asgi_app(service) -> FastAPI:
+    from sage_ray.serve.openai_api import build_openai_router
+    from sage_ray.serve.studio_api import build_studio_router
+
+    app = FastAPI(title="sage-ray Studio", description="Fine-tune, serve and chat: the Studio's API.")
+    install_error_handlers(app)
+    install_auth(app, service.settings.api_key)
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    app.include_router(build_openai_router(service))
+    app.include_router(build_studio_router(service))
+    if service.settings.ui:
+        import gradio as gr
+
+        from sage_ray.ui import build_ui
+
+        auth = ("sage", service.settings.api_key) if service.settings.api_key else None
+        app = gr.mount_gradio_app(app, build_ui(service), path="/", auth=auth)
+    return app
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class StudioIngress:
+    """Builds the service and the FastAPI + Gradio app in the replica."""
+
+    def __init__(self, settings: dict[str, Any], llm):
+        from sage_ray.serve.service import StudioService
+
+        app_name = serve.get_replica_context().app_name
+        self.service = StudioService(StudioSettings(**settings), llm, app_name=app_name)
+
+    def __serve_build_asgi_app__(self):
+        return build_asgi_app(self.service)

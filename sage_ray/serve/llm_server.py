@@ -1,0 +1,177 @@
+"""LLMServer: the Serve deployment that answers chats and hot-swaps models by `reconfigure`.
+
+The declared model lives in the deployment's `user_config`; a config deploy that changes it
+calls `reconfigure` on every replica in place (no restart). A LoRA adapter of the loaded base
+switches without touching the base; another full model loads in the background while the
+old one keeps answering, then the active pointer moves in one step. A model that fails to
+load leaves the old one serving and its error on record. A restarted replica runs
+`reconfigure` with the declared config and so comes back with the declared model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from sage_ray.serve.engines.base import Engine, ModelSpec, SamplingParams, vllm_usable
+from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
+
+log = logging.getLogger("ray.serve")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
+
+
+class ModelUnavailableError(RuntimeError):
+    """No model can answer: none loaded yet, or the requested one failed to load."""
+
+
+@serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=64, health_check_period_s=10,
+                  graceful_shutdown_timeout_s=30)
+class LLMServer:
+    """Serves chat completions from the active model and any adapter of a loaded base."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from sage_ray.serve.model_registry import ServingRegistry
+
+        self.settings = StudioSettings(**settings)
+        self.registry = ServingRegistry(self.settings)
+        self.engines: OrderedDict[str, Engine] = OrderedDict()  # base folder -> engine, least recent first
+        self.active: ModelSpec | None = None
+        self.declared: str | None = None
+        self.state = "starting"
+        self.error: str | None = None
+        self.swaps = 0
+        self._switch_lock = asyncio.Lock()
+        self._ready = asyncio.Event()  # cleared only while no model at all can answer
+        self._engine_options: dict[str, Any] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+        self.engine_kind = self.settings.engine if self.settings.engine != "auto" else (
+            "vllm" if vllm_usable() else "hf")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Declare the model to serve. The first call (replica start) waits for it to load;
+        later ones load in the background so chats keep flowing during the swap."""
+        self._engine_options = {"gpu_memory_utilization": user_config.get(
+            "gpu_memory_utilization", self.settings.gpu_memory_utilization)}
+        ref = str(user_config.get("model") or self.settings.model)
+        if ref == self.declared and self.state in ("active", "loading"):
+            return
+        self.declared = ref
+        switch = asyncio.create_task(self._switch(ref))
+        if self.active is None:
+            await switch
+
+    async def _switch(self, ref: str) -> None:
+        async with self._switch_lock:  # one swap at a time; a newer declaration wins
+            if ref != self.declared:
+                return
+            self.state, started, previous = "loading", time.monotonic(), self.active
+            try:
+                spec = await asyncio.to_thread(self.registry.spec, ref)
+                await self._engine_for(spec, swapping=True)
+            except Exception as err:  # the old model keeps serving; the error is kept and reported
+                self.error = f"could not load {ref!r}: {err}"
+                log.error("LLMServer: %s", self.error)
+                if self.active is None and previous is not None:  # it was unloaded to make room: take it back
+                    await self._restore(previous)
+                self.state = "active" if self.active else "failed"
+                await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+                return
+            self.active, self.error, self.state = spec, None, "active"
+            self.swaps += 1
+            self._ready.set()
+            log.info("LLMServer: serving %s (%s) after %.2f s", spec.name, spec.kind, time.monotonic() - started)
+            await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+
+    async def _restore(self, spec: ModelSpec) -> None:
+        try:
+            await self._engine_for(spec)
+            self.active = spec
+            self._ready.set()
+        except Exception:
+            log.exception("LLMServer: could not reload the previous model %s either", spec.name)
+
+    async def _engine_for(self, spec: ModelSpec, *, swapping: bool = False) -> Engine:
+        """The engine whose base serves `spec`, loading the base and the adapter if needed."""
+        base = spec.full_model_path
+        engine = self.engines.get(base)
+        if engine is None:
+            loading = self._loading.get(base)
+            if loading is None:  # concurrent requests for one new base share one load
+                loading = self._loading[base] = asyncio.ensure_future(self._load_base(spec, swapping))
+                loading.add_done_callback(lambda _: self._loading.pop(base, None))
+            engine = await asyncio.shield(loading)
+        self.engines.move_to_end(base)
+        if spec.kind == "lora":
+            await engine.load_adapter(spec)
+        return engine
+
+    async def _load_base(self, spec: ModelSpec, swapping: bool) -> Engine:
+        from sage_ray.serve.engines import create_engine
+
+        base = spec.full_model_path
+        await self._make_room(swapping=swapping)
+        engine = create_engine(self.engine_kind, **(self._engine_options if self.engine_kind == "vllm" else {}))
+        await engine.start(ModelSpec(name=spec.name if spec.kind != "lora" else f"base:{base}", path=base,
+                                     kind="merged" if spec.kind == "merged" else "base"))
+        self.engines[base] = engine
+        return engine
+
+    async def _make_room(self, *, swapping: bool) -> None:
+        """Unload least-recently-used bases until one more fits. The active model goes only
+        for a swap with room for one model: requests then wait for the new one instead of
+        failing, since the two would not fit side by side."""
+        active_base = self.active.full_model_path if self.active else None
+        while len(self.engines) >= self.settings.max_loaded_models:
+            victims = [base for base in self.engines if base != active_base]
+            if not victims:
+                if not swapping:
+                    raise ModelUnavailableError(
+                        "no room for another model next to the active one "
+                        f"(max_loaded_models={self.settings.max_loaded_models}); switch to it instead")
+                self._ready.clear()
+                self.active, victims = None, [active_base]
+            await self.engines.pop(victims[0]).shutdown()
+
+    async def _target(self, model: str | None) -> tuple[Engine, ModelSpec]:
+        if model is None or (self.active is not None and model in (self.active.name, self.active.path)):
+            if self.active is None and self.state == "loading":
+                await asyncio.wait_for(self._ready.wait(), timeout=600)  # a swap with room for one model
+            active = self.active
+            if active is None:
+                raise ModelUnavailableError(f"no model is loaded: {self.error or 'the LLM service is starting'}")
+            return self.engines[active.full_model_path], active
+        spec = await asyncio.to_thread(self.registry.spec, model)
+        return await self._engine_for(spec), spec
+
+    async def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
+        engine, spec = await self._target(request.get("model"))
+        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
+        yield {"model": spec.name, "text": "", "finish_reason": None}
+        async for delta in engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
+                                       params=params):
+            yield asdict(delta)
+
+    async def status(self) -> dict[str, Any]:
+        return self.status_dict()
+
+    def status_dict(self) -> dict[str, Any]:
+        """What this replica serves: the declared and active model, the state and the last error."""
+        active = self.active
+        return {"declared": self.declared, "state": self.state, "error": self.error, "swaps": self.swaps,
+                "active": None if active is None else {"name": active.name, "kind": active.kind,
+                                                       "path": active.path, "base_path": active.base_path},
+                "loaded_bases": list(self.engines), "engine": self.engine_kind,
+                "stats": {base: engine.stats() for base, engine in self.engines.items()}}
+
+    async def check_health(self) -> None:
+        # Healthy while it can take a switch: a replica whose model failed to load stays up
+        # (restarting it would fail the same way) and says why in status().
+        if self.active is not None:
+            await self.engines[self.active.full_model_path].check_health()

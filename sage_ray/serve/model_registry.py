@@ -1,0 +1,51 @@
+"""The serving side's view of the registry actor: look models up, record what is served.
+
+Blocking calls (ray.get): use them from threads (FastAPI sync routes, Gradio callbacks,
+`asyncio.to_thread` in the LLM replica), never on an event loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sage_ray.serve.engines.base import ModelSpec
+from sage_ray.serve.resolve import find_artifact, spec_of
+from sage_ray.serve.settings import StudioSettings
+
+
+class ServingRegistry:
+    """Registry lookups with the Studio's allowed roots applied."""
+
+    def __init__(self, settings: StudioSettings):
+        self.settings = settings
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            from sage_ray.registry import get_registry
+
+            self._handle = get_registry(self.settings.sage_home)
+        return self._handle
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.handle, method).remote(*args, **kwargs))
+
+    def find_by_path(self, path: str) -> dict[str, Any] | None:
+        wanted = {path, str(Path(path).resolve())}
+        return next((a for a in self.call("list_artifacts") if a["path"] in wanted), None)
+
+    def artifact(self, ref: str) -> dict[str, Any]:
+        """The registry record a name, task id, 'demo'/'tiny' or allowed path names (ModelRefError if none)."""
+        return find_artifact(ref, get_artifact=lambda name: self.call("get_artifact", name),
+                             get_task_model=lambda task: self.call("get_task_model", task),
+                             find_by_path=self.find_by_path, roots=self.settings.roots())
+
+    def spec(self, ref: str) -> ModelSpec:
+        return spec_of(self.artifact(ref))
+
+    def record_serving(self, state: dict[str, Any]) -> None:
+        self.call("set_serving", state)

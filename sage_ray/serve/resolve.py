@@ -1,0 +1,91 @@
+"""From what a user types (a registry name, a task id, a path, 'demo') to what an engine loads.
+
+Paths are served only from inside the allowed roots (SAGE_HOME and configured folders): the
+API must never become a way to read arbitrary files of the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sage_ray.models import DEMO, TINY, ModelNotFoundError, resolve_model
+from sage_ray.serve.engines.base import ModelSpec, adapter_base
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ModelRefError(LookupError):
+    """A model reference that names nothing servable; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
+
+
+def within_roots(path: Path, roots: Sequence[Path]) -> bool:
+    """True when `path`, symlinks resolved, lies inside one of `roots`."""
+    real = path.resolve()
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _base_folder(artifact: dict[str, Any]) -> str:
+    """The base model folder a LoRA adapter runs on: its adapter_config's base when that is a
+    local folder (training writes the resolved path), else the registry's base reference."""
+    written = adapter_base(Path(artifact["path"]))
+    if written and (Path(written) / "config.json").is_file():
+        return written
+    ref = artifact.get("base_model") or written
+    if not ref:
+        raise ModelRefError(f"adapter {artifact['name']!r} names no base model in {ADAPTER_CONFIG}", 409)
+    try:
+        return str(resolve_model(ref, progress=False))
+    except ModelNotFoundError as err:
+        raise ModelRefError(f"the base model {ref!r} of adapter {artifact['name']!r} is not available: {err}", 409)
+
+
+def spec_of(artifact: dict[str, Any]) -> ModelSpec:
+    """The engine's view of a registry artifact."""
+    if not Path(artifact["path"]).is_dir():
+        raise ModelRefError(f"model {artifact['name']!r} is registered at {artifact['path']}, "
+                            "but that folder is gone; run `sage llm model show` to see what remains", 410)
+    base = _base_folder(artifact) if artifact["kind"] == "lora" else None
+    return ModelSpec(name=artifact["name"], path=artifact["path"], kind=artifact["kind"], base_path=base)
+
+
+def _describe_path(path: Path) -> dict[str, Any]:
+    if (path / ADAPTER_CONFIG).is_file():
+        return {"name": path.name, "kind": "lora", "path": str(path), "base_model": adapter_base(path)}
+    if (path / "config.json").is_file():
+        return {"name": path.name, "kind": "base", "path": str(path), "base_model": None}
+    raise ModelRefError(f"{path} is neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})", 400)
+
+
+def find_artifact(ref: str, *, get_artifact: Callable[[str], dict | None],
+                  get_task_model: Callable[[str], dict | None], find_by_path: Callable[[str], dict | None],
+                  roots: Sequence[Path]) -> dict[str, Any]:
+    """The registry record `ref` names: a name, a task id, 'demo'/'tiny', or a path inside `roots`
+    (a path the registry does not know is described from its files)."""
+    ref = (ref or "").strip()
+    if not ref:
+        raise ModelRefError("no model given: pass a registry name, a task id or a path", 400)
+    for lookup in (get_artifact, get_task_model):
+        record = lookup(ref)
+        if record is not None:
+            return record
+    if ref in (DEMO, TINY):
+        folder = resolve_model(ref, progress=False)
+        return find_by_path(str(folder)) or _describe_path(folder)
+    if "/" not in ref and "\\" not in ref and not ref.startswith(("~", ".")):
+        raise ModelRefError(f"no model named {ref!r}: not a registry name, a task id or a path; "
+                            "GET /api/finetune/models lists them")
+    path = Path(ref).expanduser()
+    if not path.is_absolute() or ".." in path.parts:
+        raise ModelRefError(f"model path {ref!r} must be absolute and must not contain '..'", 400)
+    if not within_roots(path, roots):
+        raise ModelRefError(f"model path {ref!r} is outside the folders the Studio serves from "
+                            f"({', '.join(map(str, roots))}); move the model there or add its folder to "
+                            "SAGE_STUDIO_ALLOWED_ROOTS", 403)
+    if not path.is_dir():
+        raise ModelRefError(f"no model folder at {ref!r}")
+    return find_by_path(str(path.resolve())) or find_by_path(str(path)) or _describe_path(path)

@@ -1,0 +1,298 @@
+"""StudioService: every Studio operation, behind both the REST API and the web UI.
+
+It keeps no state of its own: jobs and models live in the registry actor, the served model
+in the LLMServer deployment's declared config. Methods block (Ray calls, file I/O): call
+them from threads, which FastAPI's sync routes and Gradio's callbacks do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from sage_ray.serve import deploy
+from sage_ray.serve.model_registry import ServingRegistry
+from sage_ray.serve.resolve import ModelRefError, spec_of, within_roots
+from sage_ray.serve.settings import StudioSettings
+
+DATASET_SUFFIXES = (".json", ".jsonl")
+PREVIEW_RECORDS = 3
+SWITCH_WAIT_S = 600.0
+ACTIVE = "switched and active"
+PENDING = "switched; takes effect when the LLM service starts"
+
+
+class ServiceError(Exception):
+    """A request the Studio refuses; `status` is the HTTP status, the message says what to do."""
+
+    def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail or {}
+
+
+def user_error(err: Exception) -> ServiceError:
+    """`err` as a ServiceError with its HTTP status when it is a known user-facing error;
+    anything else (a bug, a crash) is re-raised as it is, to surface as a 500."""
+    from sage_ray.config import ConfigError
+    from sage_ray.data import DatasetError
+    from sage_ray.models import ModelNotFoundError
+    from sage_ray.presets import DoesNotFitError
+    from sage_ray.registry.store import InUseError, NotFoundError, RegistryValueError
+
+    if isinstance(err, ServiceError):
+        return err
+    if isinstance(err, ModelRefError):
+        return ServiceError(err.status, str(err))
+    if isinstance(err, DatasetError):
+        return ServiceError(400, str(err), err.to_dict())
+    if isinstance(err, (ConfigError, ModelNotFoundError, DoesNotFitError, RegistryValueError)):
+        return ServiceError(400, str(err))
+    if isinstance(err, NotFoundError):
+        return ServiceError(404, str(err))
+    if isinstance(err, InUseError):
+        return ServiceError(409, str(err))
+    try:
+        from sage_ray.jobs import JobNotFoundError, JobStateError
+    except ImportError:
+        raise err
+    if isinstance(err, JobNotFoundError):
+        return ServiceError(404, str(err))
+    if isinstance(err, JobStateError):
+        return ServiceError(409, str(err))
+    raise err
+
+
+def safe_filename(filename: str) -> str:
+    """A dataset file name reduced to letters, digits, '-', '_' and '.', with no folder part."""
+    name = Path(str(filename).replace("\\", "/")).name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or f".{suffix.lower()}" not in DATASET_SUFFIXES:
+        raise ServiceError(400, f"dataset {filename!r}: upload a .json or .jsonl file")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64] or "dataset"
+    return f"{stem}.{suffix.lower()}"
+
+
+class StudioService:
+    """The Studio's operations. `llm` is the LLMServer deployment handle (None: no LLM service)."""
+
+    def __init__(self, settings: StudioSettings, llm=None, app_name: str = "studio"):
+        self.settings = settings
+        self.registry = ServingRegistry(settings)
+        self.llm = llm
+        self.app_name = app_name
+        self._tokenizers: dict[str, Any] = {}
+
+    # ---- models -------------------------------------------------------------------------
+    def list_models(self) -> list[dict[str, Any]]:
+        active = (self._serving() or {}).get("active") or {}
+        models = []
+        for artifact in self.registry.call("list_artifacts"):
+            group = "base" if artifact["kind"] == "base" else "finetuned"
+            models.append({**artifact, "group": group, "active": artifact["name"] == active.get("name")})
+        return sorted(models, key=lambda m: (m["group"] != "base", m.get("created_at") or ""), reverse=False)
+
+    def _serving(self) -> dict[str, Any] | None:
+        """The LLM service's own state, or the last one it recorded when it cannot answer now."""
+        if self.llm is not None:
+            try:
+                return self.llm.status.remote().result(timeout_s=10)
+            except Exception:
+                pass
+        return self.registry.call("get_serving")
+
+    def current_model(self) -> dict[str, Any]:
+        serving = self._serving()
+        if not serving or not serving.get("active"):
+            declared = self.registry.call("get_active_model") or self.settings.model
+            state = (serving or {}).get("state") or "not serving"
+            return {"name": declared, "kind": None, "path": None, "base_model": None,
+                    "state": state if state != "active" else "not serving", "error": (serving or {}).get("error")}
+        active = serving["active"]
+        record = self.registry.call("get_artifact", active["name"]) or {}
+        return {"name": active["name"], "kind": active["kind"], "path": active["path"],
+                "base_model": record.get("base_model") or active.get("base_path"),
+                "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
+
+    def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S) -> dict[str, Any]:
+        """Declare `ref` as the served model (every replica reconfigures in place) and wait until
+        it answers. A model that fails to load leaves the old one serving: 422 with the error."""
+        try:
+            artifact = self.registry.artifact(ref)
+            spec_of(artifact)  # the folder and, for an adapter, its base are there
+        except Exception as err:
+            raise user_error(err) from None
+        name = artifact["name"] if self.registry.call("get_artifact", artifact["name"]) else artifact["path"]
+        self.registry.call("set_active_model", name)
+        details = deploy.serve_details()
+        running = deploy.deployment_status(details, self.app_name) in ("HEALTHY", "UPDATING")
+        deploy.declare_model(self.settings, self.app_name, name)
+        if not running or self.llm is None:
+            return {"model": self.current_model(), "message": PENDING}
+        self._wait_for(name, wait_s)
+        return {"model": self.current_model(), "message": ACTIVE}
+
+    def _wait_for(self, name: str, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            status = self._serving() or {}
+            if status.get("declared") == name and status.get("state") != "loading":
+                active = status.get("active") or {}
+                if active.get("name") == name or active.get("path") == name:
+                    return
+                raise ServiceError(422, status.get("error") or f"{name!r} did not load", {"serving": status})
+            time.sleep(0.2)
+        raise ServiceError(504, f"{name!r} is still loading after {wait_s:.0f} s; "
+                                "GET /api/finetune/current-model shows when it is active")
+
+    # ---- datasets -----------------------------------------------------------------------
+    def upload_dataset(self, filename: str, content: bytes) -> dict[str, Any]:
+        """Validate an uploaded dataset, keep it under SAGE_HOME/datasets, preview its first records."""
+        from sage_ray.data import parse_dataset_bytes
+
+        name = safe_filename(filename)
+        limit = int(self.settings.max_upload_mb * 1024 * 1024)
+        if len(content) > limit:
+            raise ServiceError(413, f"dataset {name}: {len(content) / 2**20:.1f} MB is over the "
+                                    f"{self.settings.max_upload_mb:g} MB upload limit; split it or raise max_upload_mb")
+        try:
+            dataset = parse_dataset_bytes(content, name)
+        except Exception as err:
+            raise user_error(err) from None
+        folder = Path(self.settings.sage_home) / "datasets"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem, suffix = name.rsplit(".", 1)
+        path = folder / f"{stem}_{hashlib.sha256(content).hexdigest()[:8]}.{suffix}"
+        path.write_bytes(content)
+        return {"path": str(path), "filename": name, "records": len(dataset), "format": dataset.format,
+                "formats": {dataset.format: len(dataset)}, "sha256": dataset.sha256,
+                "preview": self._preview(dataset.examples[:PREVIEW_RECORDS])}
+
+    def _preview(self, examples) -> list[dict[str, Any]]:
+        from sage_ray.data.tokenize import render
+
+        tokenizer = self._tokenizer()
+        out = []
+        for example in examples:
+            rendered = example.text if example.messages is None else render(tokenizer, example.messages)
+            out.append({"messages": example.messages, "text": example.text, "rendered": rendered})
+        return out
+
+    def _tokenizer(self):
+        """The served base model's tokenizer (its chat template is what training will apply)."""
+        from sage_ray.models import resolve_model
+        from sage_ray.train.loop import load_tokenizer
+
+        folder = str(resolve_model(self.settings.model, progress=False))
+        if folder not in self._tokenizers:
+            self._tokenizers[folder] = load_tokenizer(folder)
+        return self._tokenizers[folder]
+
+    # ---- jobs ---------------------------------------------------------------------------
+    def _config(self, request: dict[str, Any]):
+        from sage_ray.config import parse_train_config
+
+        values = {k: v for k, v in dict(request).items() if v is not None and v != ""}
+        values.setdefault("model", self.settings.model)
+        cfg = parse_train_config(values, source="request")
+        if cfg.data and not within_roots(Path(cfg.data).expanduser(), self.settings.roots()):
+            raise ServiceError(403, f"dataset {cfg.data!r} is outside the Studio's folders; "
+                                    "upload it with POST /api/finetune/upload-dataset")
+        return cfg
+
+    def plan_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The effective config (preset applied) and the memory estimate, before anything starts."""
+        from sage_ray.config import dump_train_config
+        from sage_ray.models import resolve_model
+        from sage_ray.presets import GiB
+        from sage_ray.train.trainer import resolve_resources
+
+        try:
+            cfg = self._config(request)
+            cfg, device, estimate = resolve_resources(cfg, resolve_model(cfg.model, progress=False))
+        except Exception as err:
+            raise user_error(err) from None
+        return {"config": cfg.model_dump(mode="json"), "yaml": dump_train_config(cfg), "device": device.describe(),
+                "memory": {"total_gib": round(estimate.total / GiB, 3), "text": estimate.describe()},
+                "fits": True, "warning": None}
+
+    def create_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        from sage_ray import jobs
+
+        try:
+            task_id = jobs.submit(self._config(request))
+            return jobs.get(task_id)
+        except Exception as err:
+            raise user_error(err) from None
+
+    def _jobs(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        from sage_ray import jobs
+
+        try:
+            return getattr(jobs, op)(*args, **kwargs)
+        except Exception as err:
+            raise user_error(err) from None
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return self._jobs("list_jobs")
+
+    def get_job(self, task_id: str) -> dict[str, Any]:
+        return self._jobs("get", task_id)
+
+    def job_logs(self, task_id: str, tail: int = 200) -> str:
+        return self._jobs("logs", task_id, tail=tail)
+
+    def cancel_job(self, task_id: str) -> dict[str, Any]:
+        return self._jobs("cancel", task_id)
+
+    def delete_job(self, task_id: str) -> None:
+        self._jobs("delete", task_id)
+
+    def resume_job(self, task_id: str) -> dict[str, Any]:
+        return self._jobs("get", self._jobs("resume", task_id))
+
+    def merge_job(self, task_id: str) -> dict[str, Any]:
+        """Merge a completed task's adapter into its base and register the merged model."""
+        from sage_ray.paths import TaskPaths
+        from sage_ray.registry import describe_task
+        from sage_ray.train.merge import merge_adapter
+        from sage_ray.train.meta import mark_merged, read_meta
+
+        try:
+            paths = TaskPaths(task_id)
+            meta = read_meta(paths)
+        except (ValueError, FileNotFoundError) as err:
+            raise ServiceError(404 if isinstance(err, FileNotFoundError) else 400, str(err)) from None
+        if not paths.merged.is_dir():
+            merge_adapter(paths.lora, meta["base_model_path"], paths.merged)
+            mark_merged(paths)
+        for record in describe_task(paths.dir):
+            self.registry.call("upsert_artifact", record)
+        self.registry.call("discover")  # the adapter's name changes to <task>-lora next to the merged model
+        return self.registry.call("get_task_model", task_id)
+
+    # ---- chat ---------------------------------------------------------------------------
+    def chat_request(self, messages: list[dict], model: str | None = None, **params: Any) -> dict[str, Any]:
+        """The LLMServer request for a chat; a `model` is checked against the registry first."""
+        if self.llm is None:
+            raise ServiceError(503, "the LLM service is not running; start the Studio with `sage studio start`")
+        if not messages:
+            raise ServiceError(400, "'messages' is empty: send at least one {'role': 'user', 'content': ...}")
+        if model:
+            try:
+                artifact = self.registry.artifact(model)
+            except Exception as err:
+                raise user_error(err) from None
+            model = artifact["name"] if self.registry.call("get_artifact", artifact["name"]) else artifact["path"]
+        return {"messages": messages, "model": model, **{k: v for k, v in params.items() if v is not None}}
+
+    def chat_stream(self, messages: list[dict], model: str | None = None, max_tokens: int = 256,
+                    temperature: float = 0.7) -> Iterator[str]:
+        """The reply's text pieces as they are generated (for the web UI and in-process callers)."""
+        request = self.chat_request(messages, model, max_tokens=max_tokens, temperature=temperature)
+        for chunk in self.llm.options(stream=True).chat.remote(request):
+            if chunk.get("text"):
+                yield chunk["text"]

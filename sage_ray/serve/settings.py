@@ -1,0 +1,78 @@
+"""StudioSettings: how the Studio app is built and served, from args, YAML or the environment.
+
+One pydantic model feeds `serve run configs/studio.yaml` (its `args:`), `serve run
+apps.studio:app` (the environment) and `sage studio start` (its flags). The settings travel
+to the replicas inside the app's arguments, not through their environment, because Serve's
+replicas are started by its controller and do not inherit the shell's variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sage_ray.paths import sage_home
+
+EngineName = Literal["auto", "hf", "vllm"]
+APP_NAME = "studio"
+LLM_DEPLOYMENT = "LLMServer"
+INGRESS_DEPLOYMENT = "StudioIngress"
+DEFAULT_MODEL = "demo"
+DEFAULT_GPU_MEMORY = 0.85
+
+
+class StudioSettings(BaseModel):
+    """Everything the Studio's two deployments need to know at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sage_home: str = Field(default_factory=lambda: str(sage_home()),
+                           description="Where models, fine-tunes and the registry live.")
+    model: str = Field(DEFAULT_MODEL, description="The model served at start: a registry name, task id, "
+                                                  "path, 'demo' (SmolLM2-135M-Instruct) or 'tiny'.")
+    engine: EngineName = Field("auto", description="auto = vLLM with a GPU and vllm installed, else transformers.")
+    gpu_memory_utilization: float = Field(DEFAULT_GPU_MEMORY, gt=0, le=1,
+                                          description="Share of GPU memory vLLM may take (SAGE_STUDIO_LLM_GPU_MEMORY).")
+    max_loaded_models: int = Field(2, ge=1, description="Full models one LLM replica keeps loaded (the active one "
+                                                        "plus others asked for by name, e.g. side-by-side chat). "
+                                                        "1 = a swap unloads first and requests wait for the new model.")
+    llm_num_cpus: float = Field(0, ge=0, description="CPUs Ray reserves for the LLM replica. 0 on a laptop so that "
+                                                     "fine-tunes get every core; the engine still uses them all.")
+    llm_num_gpus: float = Field(0, ge=0, description="GPUs for the LLM replica (1 for vLLM on a GPU node).")
+    llm_replicas: int = Field(1, ge=1, description="LLM replicas; a switch reconfigures each in place.")
+    api_key: str | None = Field(None, description="When set, every request needs `Authorization: Bearer <key>` "
+                                                  "(SAGE_STUDIO_API_KEY).")
+    allowed_roots: list[str] = Field(default_factory=list,
+                                     description="Folders besides SAGE_HOME from which models may be served "
+                                                 "by path (SAGE_STUDIO_ALLOWED_ROOTS, ':'-separated).")
+    max_upload_mb: float = Field(50, gt=0, description="Largest dataset upload accepted.")
+    ui: bool = Field(True, description="Mount the Gradio web UI at /.")
+
+    @field_validator("sage_home")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().absolute())
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "StudioSettings":
+        """Defaults, then SAGE_* environment variables, then explicit values."""
+        env: dict[str, Any] = {}
+        for key, var in (("model", "SAGE_STUDIO_LLM_MODEL"), ("engine", "SAGE_STUDIO_LLM_ENGINE"),
+                         ("gpu_memory_utilization", "SAGE_STUDIO_LLM_GPU_MEMORY"),
+                         ("api_key", "SAGE_STUDIO_API_KEY")):
+            if os.environ.get(var):
+                env[key] = os.environ[var]
+        if os.environ.get("SAGE_STUDIO_ALLOWED_ROOTS"):
+            env["allowed_roots"] = [p for p in os.environ["SAGE_STUDIO_ALLOWED_ROOTS"].split(os.pathsep) if p]
+        return cls(**{**env, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def llm_user_config(self, model: str | None = None) -> dict[str, Any]:
+        """The LLMServer's declared state: what a config deploy changes to hot-swap."""
+        return {"model": model or self.model, "gpu_memory_utilization": self.gpu_memory_utilization}
+
+    def roots(self) -> list[Path]:
+        """Folders a model path may come from: SAGE_HOME and the configured extra roots."""
+        return [Path(self.sage_home), *(Path(r).expanduser().absolute() for r in self.allowed_roots)]
