@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sage_ray.serve.settings import INGRESS_DEPLOYMENT, LLM_DEPLOYMENT, StudioSettings
+from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 BUILDER = "sage_ray.serve.app:build_app"
 
@@ -80,4 +80,39 @@ def deployment_status(details: dict[str, Any], app_name: str, deployment: str = 
     return (app.get("deployments", {}).get(deployment) or {}).get("status")
 
 
-__all__ = ["INGRESS_DEPLOYMENT", "declare_model", "deployment_status", "serve_details", "dashboard_url"]
+def studio_config(settings: StudioSettings, *, host: str = "127.0.0.1", port: int = 8000,
+                  app_name: str = "studio") -> dict[str, Any]:
+    """The Serve config of the Studio (what configs/studio.yaml holds), for a config deploy."""
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port},
+            "applications": [{"name": app_name, "route_prefix": "/", "import_path": BUILDER,
+                              "args": settings.model_dump(mode="json"),
+                              "deployments": [{"name": LLM_DEPLOYMENT, "user_config": settings.llm_user_config()}]}]}
+
+
+def deploy_studio(settings: StudioSettings, *, host: str = "127.0.0.1", port: int = 8000, app_name: str = "studio",
+                  timeout_s: float = 600, on_wait=None) -> dict[str, Any]:
+    """Config-deploy the Studio onto the connected cluster (keeping its other config-deployed
+    apps) and wait until every deployment is healthy; returns Serve's details."""
+    import time
+
+    client = _client()
+    details = client.get_serve_details()
+    others = [copy.deepcopy(app["deployed_app_config"]) for name, app in details.get("applications", {}).items()
+              if name != app_name and app.get("deployed_app_config")]
+    body = studio_config(settings, host=host, port=port, app_name=app_name)
+    body["applications"] = [*others, *body["applications"]]
+    client.deploy_applications(body)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.get_serve_details()
+        app = details.get("applications", {}).get(app_name) or {}
+        if app.get("status") == "RUNNING":
+            return details
+        if app.get("status") == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Studio failed to deploy: {app.get('message') or app}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Studio was not healthy after {timeout_s:.0f} s: {app.get('status')}: "
+                               f"{app.get('message', '')}")
+        if on_wait:
+            on_wait(app)
+        time.sleep(0.5)
