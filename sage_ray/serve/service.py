@@ -144,7 +144,7 @@ class StudioService:
                 if active.get("name") == name or active.get("path") == name:
                     return
                 raise ServiceError(422, status.get("error") or f"{name!r} did not load", {"serving": status})
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise ServiceError(504, f"{name!r} is still loading after {wait_s:.0f} s; "
                                 "GET /api/finetune/current-model shows when it is active")
 
