@@ -94,13 +94,11 @@ def build_asgi_app(service) -> FastAPI:
 
     app.include_router(build_openai_router(service))
     app.include_router(build_studio_router(service))
-    if service.settings.ui:
-        import gradio as gr
-
-        from sage_ray.ui import build_ui
+    if service.settings.ui:  # last: a mount at "/" takes every path not matched above
+        from sage_ray.ui.app import mount_ui
 
         auth = ("sage", service.settings.api_key) if service.settings.api_key else None
-        app = gr.mount_gradio_app(app, build_ui(service), path="/", auth=auth)
+        app = mount_ui(app, service, "/", auth=auth)
     return app
 
 
