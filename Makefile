@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUICKSTART_TASK ?= chat
 
-.PHONY: install run test benchmark clean
+.PHONY: install browser run test benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser tests drive Debian's Chromium (Playwright cannot download its own build here).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "the browser tests need Chromium: sudo apt-get install chromium"; exit 1; }
+
 run: install  ## a real fine-tune of the demo model on a shipped dataset, then a reply from it
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/sage finetune quickstart $(QUICKSTART_TASK)
 
-test: install
+test: install browser
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
 benchmark: install
