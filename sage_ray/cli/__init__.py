@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from sage_ray.cli import finetune, llm
+from sage_ray.cli import chat, finetune, llm, studio
 
 app = typer.Typer(help="sage-ray: fine-tune LLMs with LoRA on Ray and chat with the result.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(finetune.app, name="finetune")
+app.add_typer(studio.app, name="studio")
 app.add_typer(llm.app, name="llm")
+app.command("chat")(chat.chat)
+# registered here so that `sage finetune chat ID` lives with the other chat code (cli/chat.py)
+finetune.app.command("chat")(chat.finetune_chat)
 
 
 def main() -> None:

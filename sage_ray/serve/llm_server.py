@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict
@@ -116,11 +117,18 @@ class LLMServer:
 
         base = spec.full_model_path
         await self._make_room(swapping=swapping)
-        engine = create_engine(self.engine_kind, **(self._engine_options if self.engine_kind == "vllm" else {}))
+        engine = create_engine(self.engine_kind, **(self._engine_options if self.engine_kind == "vllm" else
+                                                    {"threads": self._hf_threads()}))
         await engine.start(ModelSpec(name=spec.name if spec.kind != "lora" else f"base:{base}", path=base,
                                      kind="merged" if spec.kind == "merged" else "base"))
         self.engines[base] = engine
         return engine
+
+    def _hf_threads(self) -> int:
+        if self.settings.llm_threads:
+            return self.settings.llm_threads
+        cpus = self.settings.llm_num_cpus
+        return max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1)
 
     async def _make_room(self, *, swapping: bool) -> None:
         """Unload least-recently-used bases until one more fits. The active model goes only

@@ -55,14 +55,14 @@ def user_error(err: Exception) -> ServiceError:
         return ServiceError(404, str(err))
     if isinstance(err, InUseError):
         return ServiceError(409, str(err))
-    try:
-        from sage_ray.jobs import JobNotFoundError, JobStateError
-    except ImportError:
-        raise err
+    from sage_ray.jobs import JobError, JobNotFoundError, JobStateError
+
     if isinstance(err, JobNotFoundError):
         return ServiceError(404, str(err))
     if isinstance(err, JobStateError):
         return ServiceError(409, str(err))
+    if isinstance(err, JobError):  # Ray Jobs could not take or answer the request now
+        return ServiceError(503, str(err))
     raise err
 
 

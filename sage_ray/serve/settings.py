@@ -41,6 +41,9 @@ class StudioSettings(BaseModel):
                                                         "1 = a swap unloads first and requests wait for the new model.")
     llm_num_cpus: float = Field(0, ge=0, description="CPUs Ray reserves for the LLM replica. 0 on a laptop so that "
                                                      "fine-tunes get every core; the engine still uses them all.")
+    llm_threads: int | None = Field(None, ge=1, description="CPU threads of the transformers engine; default: "
+                                                          "every core of the node when llm_num_cpus is 0, else "
+                                                          "llm_num_cpus (Ray would give a 0-CPU actor one thread).")
     llm_num_gpus: float = Field(0, ge=0, description="GPUs for the LLM replica (1 for vLLM on a GPU node).")
     llm_replicas: int = Field(1, ge=1, description="LLM replicas; a switch reconfigures each in place.")
     api_key: str | None = Field(None, description="When set, every request needs `Authorization: Bearer <key>` "
