@@ -1,4 +1,4 @@
-# The two commands of the README: `make run` (the main job) and `make test`.
+# The two commands of the README: `make run` (the Studio) and `make test`.
 # Each installs what it needs into .venv on a fresh machine; later runs reuse it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUICKSTART_TASK ?= chat
 
-.PHONY: install browser run test benchmark clean
+.PHONY: install browser run quickstart test benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		{ echo "the browser tests need Chromium: sudo apt-get install chromium"; exit 1; }
 
-run: install  ## a real fine-tune of the demo model on a shipped dataset, then a reply from it
+run: install  ## the Studio on a local Ray cluster with the demo model; prints its URL
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/sage studio start $(STUDIO_FLAGS)
+
+quickstart: install  ## a real fine-tune of the demo model on a shipped dataset, then a reply from it
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/sage finetune quickstart $(QUICKSTART_TASK)
 
 test: install browser
@@ -33,6 +36,8 @@ test: install browser
 
 benchmark: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_throughput.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/engine_batching.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/serve_studio.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
