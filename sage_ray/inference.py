@@ -29,11 +29,31 @@ def load_chat_model(path: str | Path):
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """EOS ids of the generation config plus the tokenizer's: a reply stops where training stopped."""
-    ids = model.generation_config.eos_token_id
+    return stop_ids_from(model.generation_config, tokenizer)
+
+
+def stop_ids_from(generation_config, tokenizer) -> list[int]:
+    """stop_token_ids from a GenerationConfig (or None) instead of a loaded model (vLLM holds no HF model)."""
+    ids = getattr(generation_config, "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for `messages` with the tokenizer's chat template and the assistant turn opened.
+
+    The template is the one saved with the served artifact (an adapter folder carries the
+    one used in training), so serving formats prompts exactly as training did.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no chat template: "
+            "serve an instruct/chat model, or a fine-tune (its folder carries the template used in training)"
+        )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(ids["input_ids"])
 
 
 def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128, streamer=None,
@@ -41,8 +61,8 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     """Greedy reply to `messages`; tokens go to `streamer` as they come when one is given."""
     import torch
 
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    prompt = torch.tensor([encode_chat(tokenizer, messages)])
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=stop_token_ids(model, tokenizer),

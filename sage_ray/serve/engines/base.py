@@ -1,0 +1,193 @@
+"""The engine protocol the LLM deployment talks to, its data types, and engine selection.
+
+An engine serves one base model (a plain or merged model folder) plus any number of
+LoRA adapters of that base, chosen per request. Two engines implement it: `hf`
+(transformers + peft, CPU or GPU) and `vllm` (GPU only). Nothing here imports torch,
+transformers or vLLM, so the deployment can import the protocol cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Protocol, runtime_checkable
+
+from sage_ray.utils import is_available
+
+KINDS = ("base", "merged", "lora")
+# peft's name for "no adapter" in a mixed batch; also what a request passes to ask for the
+# base weights explicitly when the engine was started with a LoRA spec.
+BASE_ADAPTER = "__base__"
+VLLM_EXTRA = "pip install 'sage-ray[vllm]'"
+
+
+class EngineError(RuntimeError):
+    """The engine cannot do what was asked (bad model folder, unknown adapter...); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable artifact: what clients call it, where it lies, and what it is."""
+
+    name: str
+    """What clients put in "model" (the registry name)."""
+    path: str
+    """Local folder: a full model (base or merged) or a LoRA adapter folder."""
+    kind: str
+    """"base" | "merged" | "lora"."""
+    base_path: str | None = None
+    """For "lora": the base model folder. Wins over adapter_config's base, which may be stale."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise EngineError(f"ModelSpec {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def full_model_path(self) -> str:
+        """The folder of the full model to load: the spec's own path, or the adapter's base."""
+        if self.kind != "lora":
+            return self.path
+        base = self.base_path or adapter_base(self.path)
+        if not base:
+            raise EngineError(
+                f"LoRA adapter {self.name!r} needs its base model: pass base_path= (there is no "
+                f"base_model_name_or_path in {self.path}/adapter_config.json either)"
+            )
+        return str(base)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI chat-completions semantics)."""
+
+    max_tokens: int = 256
+    """Most tokens to generate; the reply ends with finish_reason "length" there."""
+    temperature: float = 0.7
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the prompt or reply (CTRL-style, as transformers/vLLM)."""
+    stop: list[str] | None = None
+    """Strings that end the reply; the matched string is not returned."""
+    seed: int | None = None
+    """Makes sampling reproducible for this request."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-turn token until max_tokens (benchmarks; as vLLM's ignore_eos)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise EngineError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s] or None
+
+
+@dataclass
+class Delta:
+    """One streamed piece of a reply; the last one carries finish_reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    """None while streaming; "stop" (end of turn or a stop string) or "length" at the end."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the LLM deployment needs from an engine."""
+
+    name: str
+
+    async def start(self, model: ModelSpec) -> None:
+        """Load a full model; for a lora spec load its base plus the adapter. The old model serves until the new one is ready."""
+
+    async def load_adapter(self, spec: ModelSpec) -> None:
+        """Add a LoRA adapter of the loaded base without reloading the base; idempotent."""
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop an adapter; requests already waiting for it fail with EngineError."""
+
+    def chat(self, messages: list[dict], *, adapter: str | None = None,
+             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the reply to `messages` (chat template of the served artifact applied)."""
+
+    async def check_health(self) -> None:
+        """Raise EngineError when the engine cannot serve."""
+
+    def stats(self) -> dict:
+        """Loaded base path, adapters, requests served, tokens generated, batch sizes seen, device."""
+
+    async def shutdown(self) -> None:
+        """Stop serving and free the model."""
+
+    @property
+    def base_path(self) -> str | None: ...
+
+    @property
+    def adapters(self) -> list[str]: ...
+
+
+async def complete(stream: AsyncIterator[Delta]) -> Delta:
+    """Join a streamed reply into one Delta (the non-streaming answer)."""
+    parts, last = [], Delta("")
+    async for delta in stream:
+        parts.append(delta.text)
+        last = delta
+    return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """base_model_name_or_path from a LoRA folder's adapter_config.json (None when absent or unreadable)."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("base_model_name_or_path") or None
+
+
+def has_cuda_gpu() -> bool:
+    """True when torch sees a CUDA GPU (False without torch, or with a CPU-only build)."""
+    if not is_available("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def vllm_usable() -> bool:
+    """vLLM can run here: it is installed and there is a CUDA GPU for it."""
+    return is_available("vllm") and has_cuda_gpu()
+
+
+def create_engine(kind: str = "auto", **options) -> Engine:
+    """A new, unstarted engine: "hf", "vllm", or "auto" (vllm when installed and a CUDA GPU is present, else hf).
+
+    `options` go to the engine's constructor (see HFEngine / VLLMEngine).
+    """
+    kind = (kind or "auto").lower()
+    if kind == "auto":
+        kind = "vllm" if vllm_usable() else "hf"
+    if kind == "hf":
+        from sage_ray.serve.engines.hf import HFEngine
+
+        return HFEngine(**options)
+    if kind == "vllm":
+        if not is_available("vllm"):
+            raise EngineError(
+                f"the vllm engine needs the vLLM package (CUDA GPU only): {VLLM_EXTRA}, "
+                "or use engine 'hf' (transformers, CPU or GPU)"
+            )
+        from sage_ray.serve.engines.vllm import VLLMEngine
+
+        return VLLMEngine(**options)
+    raise EngineError(f"unknown engine {kind!r}: use 'auto', 'hf' or 'vllm'")
