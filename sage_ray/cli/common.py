@@ -73,6 +73,73 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
     fail(f"{error}{log}")
 
 
+def jobs_call(function, *args, **kwargs):
+    """Run a jobs / cluster call; the user's mistakes (bad config or dataset, unknown task, wrong
+    state, no cluster) exit 1 with their message instead of a traceback."""
+    from sage_ray.cluster import ClusterError
+    from sage_ray.config import ConfigError
+    from sage_ray.data import DatasetError
+    from sage_ray.jobs import JobError
+
+    try:
+        return function(*args, **kwargs)
+    except (ConfigError, DatasetError, JobError, ClusterError) as err:
+        fail(str(err))
+
+
+def _eta(seconds) -> str:
+    from sage_ray.train.callbacks import format_eta
+
+    return format_eta(seconds) if seconds is not None else "-"
+
+
+def _print_log_lines(task_id: str, progress: Progress, stop: threading.Event) -> None:
+    """Print the job's log as it grows, except progress lines (the bar shows those)."""
+    from sage_ray import jobs
+
+    for line in jobs.follow_logs(task_id, poll_s=0.3):
+        _, _, text = line.partition(" ")
+        _, _, text = text.partition(" ")  # drop the date and time stamp
+        if not text.startswith(("EVENT ", "step ")):
+            progress.console.print(f"[dim]{text}[/]")
+        if stop.is_set():
+            return
+
+
+def follow_job(task_id: str) -> dict:
+    """Follow a submitted job with a progress bar (step, loss, tokens/s, ETA) and its log lines;
+    print where the model is when it completes, exit 1 when it fails or is cancelled."""
+    from sage_ray import jobs
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("step {task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} tok/s"), TextColumn("ETA {task.fields[eta]}"),
+               TextColumn("{task.fields[state]}"))
+    stop = threading.Event()
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(task_id, total=None, loss="-", rate="-", eta="-", state="queued")
+
+        def show(job: dict) -> None:
+            loss = f"{job['loss']:.4f}" if job.get("loss") is not None else "-"
+            progress.update(bar, total=job.get("total_steps"), completed=job.get("step") or 0, loss=loss,
+                            rate=job.get("tokens_per_s") or "-", eta=_eta(job.get("eta_s")), state=status_text(job))
+
+        printer = threading.Thread(target=_print_log_lines, args=(task_id, progress, stop), daemon=True)
+        printer.start()
+        try:
+            job = jobs_call(jobs.wait, task_id, on_progress=show)
+        finally:
+            stop.set()
+            printer.join(timeout=3)
+    if job["status"] != "completed":
+        reason = job.get("error") or job.get("status_detail") or job["status"]
+        fail(f"task {task_id} {job['status']}: {reason}\nlog: sage finetune logs {task_id}")
+    model = jobs_call(jobs.model_of, task_id)
+    where = f"{model['kind']} model at {model['path']}" if model else "no model registered"
+    console.print(f"[green]done[/] task [bold]{task_id}[/]: {where}")
+    return job
+
+
 def local_registry():
     """The registry read in this process (same code and store as the actor): no cluster needed."""
     from sage_ray.paths import sage_home

@@ -10,7 +10,8 @@ import typer
 
 from rich.console import Console
 
-from sage_ray.cli.common import console, fail, follow_file, job_finished, local_registry, run_with_progress, status_text
+from sage_ray.cli.common import (console, fail, follow_file, follow_job, job_finished, jobs_call, local_registry,
+                                 run_with_progress, status_text)
 from sage_ray.config import TrainConfig, load_train_config, parse_train_config
 
 app = typer.Typer(help="Fine-tune models with LoRA / QLoRA on Ray Train.", no_args_is_help=True)
@@ -51,17 +52,32 @@ def start(
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (data parallel). (default: 1)"),
     name: Optional[str] = typer.Option(None, help="Task id (default: generated)."),
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="Merge the adapter into a full model after training."),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps, for resume. (default: 50)"),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (default: 1 with GPUs, else all)."),
     config: Optional[Path] = typer.Option(None, help="Start from a fine-tune YAML; options given here override it."),
-    address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS, else a local cluster)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster (GCS) address (default: RAY_ADDRESS, else the "
+                                                     "running local cluster, else a new one on 127.0.0.1)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar; exit 1 unless it completes."),
 ) -> None:
-    """Fine-tune a model on a dataset and save the adapter (and merged model with --merge)."""
+    """Submit a fine-tune to the Ray cluster as a Ray job and print its task id."""
+    from sage_ray import jobs
+    from sage_ray.cluster import ensure_cluster
+
     base = load_train_config(config) if config else None
     cfg = build_config(base, task=task, model=model,
                        data=str(data) if data else None, preset=preset, epochs=epochs, max_steps=max_steps,
                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
-                       lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge)
-    result = run_with_progress(cfg, address)
-    console.print(f"[green]done[/] task [bold]{result.task_id}[/]: {result.meta['type']} model at {result.model_path}")
+                       lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
+                       save_steps=save_steps, cpus_per_worker=cpus_per_worker)
+    cfg = jobs_call(jobs.prepare, cfg)  # a bad config or dataset fails before any cluster starts
+    cluster = jobs_call(ensure_cluster, address)
+    task_id = jobs_call(jobs.submit, cfg)
+    console.print(f"submitted task [bold]{task_id}[/] to {cluster.dashboard_url}")
+    print(task_id)
+    if wait:
+        follow_job(task_id)
+    else:
+        console.print(f"follow it: sage finetune logs {task_id} --follow   |   sage finetune status {task_id}")
 
 
 @app.command()
@@ -85,6 +101,11 @@ def quickstart(
     console.print(f"[bold]quickstart {task}[/]: {entry['description']}")
     cfg = TrainConfig(task=task, model=model, data=str(QUICKSTART_DIR / entry["file"]), preset=preset,
                       epochs=epochs, lr=lr, max_steps=max_steps, name=name, merge=True)
+    from sage_ray.cluster import find_cluster
+
+    # In this process (the sample reply follows at once), on the running cluster when there is one
+    # (so the Studio lists it), else on a local Ray that ends with the command.
+    jobs_call(find_cluster, address)
     result = run_with_progress(cfg, address)
     console.print(f"[green]done[/] task [bold]{result.task_id}[/]: merged model at {result.model_path}")
     show_sample_reply(result.model_path, entry["sample_prompt"])
@@ -121,6 +142,53 @@ def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-t
     mark_merged(paths)
     write_log(paths.train_log, f"merged: {paths.merged}")
     console.print(f"[green]merged[/]: {paths.merged}")
+
+
+@app.command()
+def cancel(task_id: str = typer.Argument(..., help="Task id."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local).")) -> None:
+    """Stop a queued or running job; it can be resumed from its last checkpoint."""
+    from sage_ray import jobs
+
+    _join(address)
+    job = jobs_call(jobs.cancel, task_id)
+    console.print(f"task [bold]{task_id}[/]: {status_text(job)} (sage finetune resume {task_id} continues it)")
+
+
+@app.command()
+def resume(task_id: str = typer.Argument(..., help="Task id of a failed or cancelled job."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
+           wait: bool = typer.Option(False, "--wait", help="Follow the job; exit 1 unless it completes.")) -> None:
+    """Continue a failed or cancelled job from its last checkpoint."""
+    from sage_ray import jobs
+
+    _join(address)
+    jobs_call(jobs.resume, task_id)
+    console.print(f"resumed task [bold]{task_id}[/]: {status_text(jobs_call(jobs.get, task_id))}")
+    if wait:
+        follow_job(task_id)
+
+
+@app.command()
+def delete(task_id: str = typer.Argument(..., help="Task id of a finished job."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
+           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+    """Remove a finished job: its task folder (models, checkpoints, log) and its records."""
+    from sage_ray import jobs
+
+    _join(address)
+    if not yes and not typer.confirm(f"delete task {task_id} and all its files?"):
+        raise typer.Exit(1)
+    jobs_call(jobs.delete, task_id)
+    console.print(f"deleted task [bold]{task_id}[/]")
+
+
+def _join(address: str | None) -> None:
+    """Join the cluster the job runs on; cancel/resume/delete need its Ray Jobs and registry."""
+    from sage_ray.cluster import find_cluster
+
+    if jobs_call(find_cluster, address) is None:
+        fail("no Ray cluster is running here: pass --address (or set RAY_ADDRESS) for the job's cluster")
 
 
 @app.command("list")

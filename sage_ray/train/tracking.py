@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from sage_ray.paths import TaskPaths
+from sage_ray.registry.queue import WAITING
 
 
 def ray_submission_id() -> str | None:
@@ -27,57 +29,136 @@ def ray_submission_id() -> str | None:
         return None
 
 
+class Cancelled(BaseException):
+    """The job was cancelled (SIGTERM from `ray job stop`, or the record says so): stop now.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+def _reconnecting_call(holder, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the registry; if its actor was killed (not restarted), get a new one and call again."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from sage_ray.registry import get_registry
+
+    try:
+        return ray.get(getattr(holder.registry, method).remote(*args, **kwargs))
+    except RayActorError:
+        holder.registry = get_registry(holder.sage_home)
+        return ray.get(getattr(holder.registry, method).remote(*args, **kwargs))
+
+
 class JobTracker:
     """The driver's handle on its job record in the cluster's registry."""
 
     def __init__(self, task_id: str, sage_home: str | Path):
-        import ray
-
         from sage_ray.registry import get_registry
 
-        self._ray = ray
         self.task_id = task_id
+        self.sage_home = str(sage_home)
         self.registry = get_registry(sage_home)
+        self.log_path: Path | None = None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._ray.get(getattr(self.registry, method).remote(*args, **kwargs))
+        return _reconnecting_call(self, method, *args, **kwargs)
 
     def begin(self, config: dict[str, Any], paths: TaskPaths) -> None:
-        """Create the job record, or take over the one `sage finetune start` made (or a resumed run's)."""
-        fields = {"config": config, "log_path": str(paths.train_log), "ray_job_id": ray_submission_id()}
-        if self._call("get_job", self.task_id) is None:
-            self._call("create_job", self.task_id, status="preparing", **fields)
-        else:
-            self._call("update_job", self.task_id, status="preparing", error=None, **fields)
+        """Create the job record (queued), or take over the one `jobs.submit` or a resume made.
+
+        A Ray job whose record was cancelled before its driver started stops here."""
+        submission = ray_submission_id()
+        self.log_path = paths.train_log
+        fields = {"config": config, "log_path": str(paths.train_log), "ray_job_id": submission}
+        job = self._call("get_job", self.task_id)
+        if job is None:
+            self._call("create_job", self.task_id, status="queued", status_detail=WAITING, **fields)
+            return
+        if job["status"] == "cancelled" and submission and job["ray_job_id"] == submission:
+            raise Cancelled(f"job {self.task_id} was cancelled before it started")
+        self._call("update_job", self.task_id, status="queued", error=None, **fields)
+
+    def wait_for_slot(self, need: dict[str, float], limit: int | None, poll_s: float = 1.0) -> None:
+        """Wait in the cluster's queue until the registry grants this job a slot (see registry.queue)."""
+        import ray
+
+        from sage_ray.train.callbacks import write_log
+
+        driver = ray.get_runtime_context().get_job_id()
+        said = None
+        while True:
+            answer = self._call("acquire_slot", self.task_id, need, limit, driver)
+            if answer["granted"]:
+                return
+            if answer["status"] != "queued":
+                raise Cancelled(f"job {self.task_id} is {answer['status']}; not starting it")
+            if answer["detail"] != said:
+                said = answer["detail"]
+                write_log(self.log_path, f"queued: {said}")
+            time.sleep(poll_s)
 
     def status(self, status: str, **fields: Any) -> None:
         self._call("update_job", self.task_id, status=status, **fields)
 
+    def update(self, **fields: Any) -> None:
+        self._call("update_job", self.task_id, **fields)
+
     def fail(self, error: BaseException) -> None:
+        """Record how the run ended early; a status set meanwhile (a cancel) is kept."""
+        if isinstance(error, (Cancelled, KeyboardInterrupt)):
+            self._call("update_job", self.task_id, status="cancelled", status_detail=str(error) or "stopped",
+                       only_if=("queued", "preparing", "training", "merging"))
+            return
         message = str(error) or type(error).__name__
         self._call("update_job", self.task_id, status="failed", error=message,
                    only_if=("queued", "preparing", "training", "merging"))
 
     def complete(self, paths: TaskPaths) -> None:
-        """Register the task's artifacts (merged and LoRA), then mark the job completed."""
+        """Mark the job completed, then register its artifacts (merged and LoRA).
+
+        Compare-and-set first: a job cancelled in the last moment is not completed, its
+        finished-looking meta file is removed, and no artifact of it is registered."""
         from sage_ray.registry import describe_task
 
+        done = self._call("update_job", self.task_id, status="completed", progress=100.0,
+                          only_if=("preparing", "training", "merging"))
+        if done is None:
+            paths.meta.unlink(missing_ok=True)
+            raise Cancelled(f"job {self.task_id} was cancelled before it completed")
         for record in describe_task(paths.dir):
             self._call("upsert_artifact", record)
-        self._call("update_job", self.task_id, status="completed", progress=100.0)
 
 
 class RegistrySink:
-    """Sends a worker's progress events to the registry actor (in order: the actor is serial)."""
+    """Sends a worker's progress events to the registry actor (in order: the actor is serial).
+
+    Fire-and-forget, but the previous call's outcome is checked before the next one: when the
+    actor was killed for good, the sink gets a new one (created from the durable store), so
+    later progress still arrives; the events sent to the dead actor are lost, which the
+    monotonic progress record tolerates."""
 
     def __init__(self, task_id: str, sage_home: str):
         from sage_ray.registry import get_registry
 
         self.task_id = task_id
+        self.sage_home = sage_home
         self.registry = get_registry(sage_home)
+        self._last = None
 
     def __call__(self, event: dict) -> None:
-        self.registry.report_progress.remote(self.task_id, event)
+        import ray
+        from ray.exceptions import RayActorError
+
+        from sage_ray.registry import get_registry
+
+        if self._last is not None and ray.wait([self._last], timeout=0)[0]:
+            try:
+                ray.get(self._last)
+            except RayActorError:
+                self.registry = get_registry(self.sage_home)
+            except Exception:  # a refused report (e.g. job deleted) must not stop training
+                pass
+        self._last = self.registry.report_progress.remote(self.task_id, event)
 
 
 class FanOut:

@@ -20,6 +20,7 @@ from sage_ray.data import load_dataset
 from sage_ray.models import resolve_model
 from sage_ray.paths import TaskPaths, sage_home
 from sage_ray.presets import GiB, apply_preset, check_fits, read_model_config
+from sage_ray.registry.queue import concurrency_limit, worker_demand
 from sage_ray.train.callbacks import write_log
 from sage_ray.train.device import cluster_has_gpu, probe_device
 from sage_ray.train.merge import merge_adapter
@@ -71,12 +72,19 @@ def name_task(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths]:
     return cfg, paths
 
 
-def resolve_resources(cfg: TrainConfig, model_dir: Path):
-    """Pick GPU or CPU, fill the preset for the device a worker gets, and check memory."""
+def worker_resources(cfg: TrainConfig) -> TrainConfig:
+    """Pick GPU or CPU and the CPUs per worker: what the job asks the queue and Ray for."""
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpu()
     cpus = cfg.cpus_per_worker or (1 if use_gpu else max(1, cluster.cluster_cpus() // cfg.num_workers))
-    device = probe_device(use_gpu)
-    resolved = apply_preset(cfg.model_copy(update={"use_gpu": use_gpu, "cpus_per_worker": cpus}), device)
+    return cfg.model_copy(update={"use_gpu": use_gpu, "cpus_per_worker": cpus})
+
+
+def resolve_resources(cfg: TrainConfig, model_dir: Path):
+    """Fill the preset for the device a worker gets, and check memory (after the slot is granted:
+    the probe asks Ray for what one worker asks for)."""
+    cfg = worker_resources(cfg)
+    device = probe_device(bool(cfg.use_gpu))
+    resolved = apply_preset(cfg, device)
     estimate = check_fits(read_model_config(model_dir), resolved, device)
     return resolved, device, estimate
 
@@ -130,6 +138,9 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
 def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneResult:
     load_dataset(cfg.data)  # a bad dataset fails here, before any worker starts
     model_dir = resolve_model(cfg.model)
+    cfg = worker_resources(cfg)
+    tracker.update(config=cfg.model_dump(mode="json"))  # the queue reads the job's demand from it
+    tracker.wait_for_slot(worker_demand(cfg.model_dump()), concurrency_limit())
     cfg, device, estimate = resolve_resources(cfg, model_dir)
     paths.dir.mkdir(parents=True, exist_ok=True)
     started_at = now_iso()
@@ -137,7 +148,7 @@ def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneRes
     write_log(log, f"task {cfg.name}: model {cfg.model} ({model_dir}), preset {cfg.preset} on {device.describe()}")
     write_log(log, f"memory estimate per worker: {estimate.describe()}")
     write_log(log, "effective config:\n" + dump_train_config(cfg))
-    tracker.status("preparing", config=cfg.model_dump(mode="json"))
+    tracker.update(config=cfg.model_dump(mode="json"))  # with the preset's values filled in
     result = run_trainer(cfg, paths, model_dir)
     write_log(log, f"training done: {result['steps']} steps, loss {result['final_loss']}, "
                    f"{result['tokens_per_s']} tokens/s")
@@ -149,6 +160,6 @@ def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneRes
                       base_model_path=str(model_dir), result=result, started_at=started_at,
                       device=device.describe(), memory_estimate_gib=estimate.total / GiB)
     write_json_atomic(paths.meta, meta)
-    tracker.complete(paths)
+    tracker.complete(paths)  # refuses (and removes the meta) if the job was cancelled meanwhile
     write_log(log, f"completed: {meta['type']} model at {meta['merged_path'] or meta['lora_path']}")
     return FinetuneResult(cfg.name, paths, meta)

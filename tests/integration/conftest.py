@@ -1,6 +1,6 @@
 """One real local Ray cluster for the whole integration session, started and stopped here.
 
-It has its own temp dir and dashboard port, so it never touches a cluster it did not
+It has its own temp dir and ports, all on 127.0.0.1, so it never touches a cluster it did not
 start; auth is disabled consistently for it and for the `ray job submit` it serves
 (Ray 2.60 turns token auth on for local clusters).
 """
@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ class RayCluster:
     address: str
     dashboard_url: str
     sage_home: Path
+    temp_dir: str  # every process of this cluster names it on its command line
 
 
 def free_port() -> int:
@@ -35,23 +35,33 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """`ray start --head` on 127.0.0.1 with free ports (sage_ray.cluster), joined by this process.
+
+    Not `ray.init()`: it leaves the dashboard agent on Ray's fixed default port, so a second
+    test session on the machine would get a cluster that cannot run jobs."""
     import ray
 
+    from sage_ray.cluster import start_local_cluster, stop_local_cluster
+    from sage_ray.registry import get_registry
+
     home = tmp_path_factory.mktemp("sage_home")
-    temp_dir = tempfile.mkdtemp(prefix="sgr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = free_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
         env.setenv("SAGE_HOME", str(home))
+        env.delenv("RAY_ADDRESS", raising=False)
         # `python` in a job's entrypoint must be this interpreter (the one with sage_ray installed)
         env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        info = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                        _temp_dir=temp_dir, log_to_driver=False)
+        info = start_local_cluster(num_cpus=2, dashboard_port=free_port())
         try:
-            yield RayCluster(info.address_info["address"], f"http://127.0.0.1:{port}", home)
+            ray.init(address=info.address, log_to_driver=False)
+            # Claim the registry name for this session's SAGE_HOME at once: a process of another
+            # test session that joins "auto" (the only cluster running) must not take it.
+            get_registry(home)
+            yield RayCluster(info.address, info.dashboard_url, home, info.temp_dir)
         finally:
             ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            stop_local_cluster(info)
+            shutil.rmtree(info.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""`sage finetune start | merge | quickstart` on the session's Ray cluster, with the tiny model."""
+"""`sage finetune start | cancel | resume | delete | merge | quickstart` on the session's Ray
+cluster (jobs go through Ray Jobs; quickstart runs in-process), with the tiny model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ runner = CliRunner(env={"COLUMNS": "400"})  # rich wraps at the terminal width
 def test_start_then_merge(ray_cluster, tiny_model_dir, chat_data):
     result = runner.invoke(app, ["finetune", "start", "--model", str(tiny_model_dir), "--data", str(chat_data),
                                  "--max-steps", "2", "--batch-size", "2", "--max-length", "128",
-                                 "--lora-r", "4", "--name", "cli-start"])
+                                 "--lora-r", "4", "--name", "cli-start", "--cpus-per-worker", "1",
+                                 "--address", ray_cluster.address, "--wait"])
     assert result.exit_code == 0, result.output
-    assert "task cli-start" in result.output and "lora model at" in result.output
+    assert "submitted task cli-start" in result.output and "done task cli-start: lora model at" in result.output
+    assert "step 2/2" in result.output  # the progress bar's last state
     task = ray_cluster.sage_home / "studio_finetune" / "cli-start"
     meta = json.loads((task / "finetune_meta.json").read_text())
     assert meta["type"] == "lora" and meta["config"]["lora"]["r"] == 4 and meta["config"]["batch_size"] == 2
@@ -33,6 +36,35 @@ def test_start_with_bad_dataset_exits_with_the_location(ray_cluster, tiny_model_
     result = runner.invoke(app, ["finetune", "start", "--model", str(tiny_model_dir), "--data", str(data)])
     assert result.exit_code == 1
     assert "qa.json, record 2" in result.output and "answer" in result.output
+
+
+def test_cancel_resume_and_delete(ray_cluster, tiny_model_dir, chat_data):
+    """Cancel right after submitting (before any checkpoint: test_jobs covers resuming from one),
+    resume with --wait, delete. Also the refusals: delete while running, resume when completed."""
+    started = runner.invoke(app, ["finetune", "start", "--model", str(tiny_model_dir), "--data", str(chat_data),
+                                  "--max-steps", "4", "--batch-size", "2", "--max-length", "128",
+                                  "--name", "cli-cr", "--cpus-per-worker", "1", "--address", ray_cluster.address])
+    assert started.exit_code == 0, started.output
+    assert started.stdout.strip().splitlines()[-1] == "cli-cr"  # the task id, alone on stdout
+    busy = runner.invoke(app, ["finetune", "delete", "cli-cr", "--yes", "--address", ray_cluster.address])
+    assert busy.exit_code == 1 and "cancel it first" in busy.output
+    cancelled = runner.invoke(app, ["finetune", "cancel", "cli-cr", "--address", ray_cluster.address])
+    assert cancelled.exit_code == 0 and "cli-cr: cancelled" in cancelled.output, cancelled.output
+
+    resumed = runner.invoke(app, ["finetune", "resume", "cli-cr", "--wait", "--address", ray_cluster.address])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed task cli-cr: " in resumed.output
+    assert "done task cli-cr: lora model at" in resumed.output
+    again = runner.invoke(app, ["finetune", "resume", "cli-cr", "--address", ray_cluster.address])
+    assert again.exit_code == 1 and "nothing to resume" in again.output
+
+    task = ray_cluster.sage_home / "studio_finetune" / "cli-cr"
+    assert (task / "lora" / "adapter_model.safetensors").exists()
+    deleted = runner.invoke(app, ["finetune", "delete", "cli-cr", "--yes", "--address", ray_cluster.address])
+    assert deleted.exit_code == 0, deleted.output
+    assert not task.exists()
+    gone = runner.invoke(app, ["finetune", "status", "cli-cr"])
+    assert gone.exit_code == 1 and "no fine-tune job 'cli-cr'" in gone.output
 
 
 def test_merge_of_unknown_task_is_a_clear_error(ray_cluster):

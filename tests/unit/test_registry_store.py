@@ -234,3 +234,115 @@ def test_concurrent_threads_and_processes_lose_no_update(store: RegistryStore):
     steps = [s for s, _ in shared["loss_history"]]
     assert len(steps) == accepted and steps == sorted(set(steps))  # every accepted report is there, in order
     assert shared["step"] == EVENTS * workers + workers - 1  # the largest step always wins
+
+
+def test_a_store_from_before_the_queue_gains_queued_at(tmp_path: Path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.execute("""CREATE TABLE jobs (task_id TEXT PRIMARY KEY, ray_job_id TEXT, config TEXT,
+        status TEXT NOT NULL, status_detail TEXT, progress REAL NOT NULL DEFAULT 0, epoch REAL, step INTEGER,
+        total_steps INTEGER, loss REAL, loss_history TEXT NOT NULL DEFAULT '[]', tokens_per_s REAL, eta_s REAL,
+        error TEXT, log_path TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT)""")
+    conn.execute("INSERT INTO jobs (task_id, status, created_at) VALUES ('old', 'failed', '2024-01-01T00:00:00+00:00')")
+    conn.commit()
+    conn.close()
+    store = RegistryStore(db)
+    assert store.get_job("old")["queued_at"] is None
+    first = store.update_job("old", status="queued")  # resumed: back in the queue, at the end
+    later = store.create_job("new")
+    assert first["queued_at"] < later["queued_at"]
+
+
+def test_queue_decisions():
+    from sage_ray.registry.queue import concurrency_limit, decide, worker_demand
+
+    need = worker_demand({"num_workers": 2, "cpus_per_worker": 1.5, "use_gpu": True})
+    assert need == {"CPU": 3.0, "GPU": 2.0}
+    room = {"CPU": 4.0, "GPU": 2.0}
+    assert decide(need, ahead=0, running=0, limit=None, available=room, claimed={}, total=room).granted
+    ahead = decide(need, ahead=1, running=0, limit=None, available=room, claimed={}, total=room)
+    assert not ahead.granted and ahead.detail == "waiting for resources: 1 job(s) ahead in the queue"
+    full = decide(need, ahead=0, running=2, limit=2, available=room, claimed={}, total=room)
+    assert not full.granted and "2 of 2 concurrent jobs running (SAGE_MAX_CONCURRENT_JOBS)" in full.detail
+    claimed = decide(need, ahead=0, running=1, limit=None, available=room, claimed={"GPU": 1.0}, total=room)
+    assert not claimed.granted and claimed.detail == "waiting for resources: needs 2 GPU, 1 free"
+    never = decide(need, ahead=0, running=0, limit=None, available={"CPU": 4.0}, claimed={}, total={"CPU": 4.0})
+    assert not never.granted and "the cluster has 0 in all" in never.detail
+    assert concurrency_limit({}) is None and concurrency_limit({"SAGE_MAX_CONCURRENT_JOBS": "3"}) == 3
+    with pytest.raises(ValueError, match="positive whole number"):
+        concurrency_limit({"SAGE_MAX_CONCURRENT_JOBS": "0"})
+
+
+def test_slot_queue_grants_in_order_and_skips_dead_waiters(store: RegistryStore, monkeypatch):
+    from sage_ray.registry import queue
+
+    state = {"available": {"CPU": 2.0}, "live": {"d1", "d2", "d3"}}
+    slots = queue.SlotQueue(lambda: (state["available"], {"CPU": 2.0}, state["live"]))
+    for name in ("a", "b", "c"):
+        store.create_job(name, config={"cpus_per_worker": 2})
+    need = {"CPU": 2.0}
+    assert not slots.acquire(store, "b", need, None, "d2")["granted"]  # a is older and may be starting
+    assert store.get_job("b")["status_detail"] == "waiting for resources: 1 job(s) ahead in the queue"
+    assert slots.acquire(store, "a", need, None, "d1")["granted"]
+    assert store.get_job("a")["status"] == "preparing"
+    # a's workers are not placed yet: Ray still shows the CPUs free, the queue counts them taken
+    answer = slots.acquire(store, "b", need, None, "d2")
+    assert not answer["granted"] and answer["detail"] == "waiting for resources: needs 2 CPU, 0 free"
+    store.report_progress("a", {"step": 1})  # training: Ray's figures include a's workers now
+    state["available"] = {"CPU": 0.0}
+    assert not slots.acquire(store, "b", need, None, "d2")["granted"]
+    state["live"] = {"d2", "d3"}  # a's driver died without a word: its CPUs are Ray's to report
+    state["available"] = {"CPU": 2.0}
+    assert slots.acquire(store, "b", need, 1, "d2")["granted"]  # a no longer counts toward the limit
+    # a waiter that stopped asking long ago no longer holds up the ones behind it
+    store.create_job("d", config={})
+    monkeypatch.setattr(queue, "STARTUP_GRACE_S", 0.0)
+    store.update_job("b", status="completed")
+    slots.last_asked["c"] = time.time() - 60
+    assert slots.acquire(store, "d", {"CPU": 1.0}, None, "d4")["granted"]
+    store.update_job("c", status="cancelled")
+    assert slots.acquire(store, "c", need, None, "d3") == {"granted": False, "status": "cancelled",
+                                                          "detail": None}
+
+
+def test_cancelled_tasks_are_not_registered_and_delete_removes_a_task(tmp_path: Path):
+    import json
+
+    from sage_ray.registry import RegistryActor
+
+    home = tmp_path / "home"
+    for task in ("done", "stopped"):
+        lora = home / "studio_finetune" / task / "lora"
+        lora.mkdir(parents=True)
+        (lora / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "base"}))
+        (lora / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+        (lora.parent / "finetune_meta.json").write_text(json.dumps({"task_id": task, "base_model": "base"}))
+    store = RegistryStore(home / "registry.db")
+    store.create_job("stopped")
+    store.update_job("stopped", status="cancelled")  # a cancel that raced the job's last write
+    store.create_job("done")
+    actor = RegistryActor(str(home))
+    assert actor.get_task_model("done")["kind"] == "lora" and actor.get_task_model("stopped") is None
+
+    with pytest.raises(InUseError, match="cancel it first"):
+        actor.delete_task("done")  # still queued as far as the store knows
+    store.update_job("done", status="completed")
+    assert actor.delete_task("done") is True
+    assert not (home / "studio_finetune" / "done").exists()
+    assert store.get_job("done") is None and actor.get_task_model("done") is None
+
+
+def test_log_chunks_hold_back_a_line_still_being_written(tmp_path: Path):
+    from sage_ray.registry.taskfiles import read_chunk, read_tail
+
+    log = tmp_path / "train.log"
+    assert read_chunk(log, 0) == ("", 0) and read_tail(log, 5) == ""
+    log.write_text("one\ntwo\nthr")
+    text, offset = read_chunk(log, 0)
+    assert text == "one\ntwo\n" and offset == 8
+    with open(log, "a") as f:
+        f.write("ee\n")
+    assert read_chunk(log, offset) == ("three\n", 14)
+    assert read_tail(log, 2) == "two\nthree\n" and read_tail(log, None) == "one\ntwo\nthree\n"

@@ -1,0 +1,372 @@
+"""Fine-tune jobs on Ray Jobs: submit, follow, cancel, resume, delete.
+
+A job is `python -m sage_ray.train <task dir>/config.yaml --name ID` run by Ray Jobs with the
+task id as its submission id (a resumed run gets `ID-resumeN`). The registry actor holds the
+record; the driver keeps it current (queue, progress, errors) and this module reconciles it
+with what Ray knows, so a driver that died without a word (killed, cluster restarted) still
+ends up failed or cancelled. Every call works from a driver connected with `ray.init` and from
+inside an actor or Serve replica; the task folder's files are read and written by the registry
+actor, on the head node, never from this process's disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sage_ray import cluster
+from sage_ray.config import ConfigError, TrainConfig, dump_train_config
+from sage_ray.registry.queue import LIMIT_ENV, concurrency_limit
+from sage_ray.registry.store import TERMINAL
+from sage_ray.registry.taskfiles import task_paths
+
+log = logging.getLogger(__name__)
+ACTIVE = ("queued", "preparing", "training", "merging")
+RESUMABLE = ("failed", "cancelled")
+FORWARDED_ENV = ("SAGE_HOME", LIMIT_ENV)  # the submitter's settings the job must share
+_GONE = "gone"
+AGENT_WAIT_S = 60.0
+
+
+class JobError(Exception):
+    """Base of the job errors; each message says what to do next."""
+
+
+class JobNotFoundError(JobError, LookupError):
+    """No job with that task id."""
+
+
+class JobStateError(JobError):
+    """Not possible in the job's current state (delete a running job, resume a completed one)."""
+
+
+class JobTimeoutError(JobError, TimeoutError):
+    """wait() ran out of time; the job itself keeps running."""
+
+
+def dashboard_url() -> str:
+    """The dashboard URL (Ray Jobs API) of the connected cluster."""
+    return cluster.dashboard_url()
+
+
+def _registry(address: str | None = None):
+    from sage_ray.registry import get_registry
+
+    cluster.connect(address, log_to_driver=False)
+    return get_registry()
+
+
+def _call(method: str, *args: Any, **kwargs: Any) -> Any:
+    """One registry call, with its errors as job errors; a killed actor is replaced once."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from sage_ray.registry import AlreadyExistsError, InUseError, NotFoundError
+
+    try:
+        try:
+            return ray.get(getattr(_registry(), method).remote(*args, **kwargs))
+        except RayActorError:
+            return ray.get(getattr(_registry(), method).remote(*args, **kwargs))
+    except NotFoundError as err:
+        raise JobNotFoundError(str(err)) from None
+    except (InUseError, AlreadyExistsError) as err:
+        raise JobStateError(str(err)) from None
+
+
+_clients: dict[str, Any] = {}
+
+
+def _client():
+    from ray.job_submission import JobSubmissionClient
+
+    url = dashboard_url()
+    if url not in _clients:
+        _clients[url] = JobSubmissionClient(url)
+    return _clients[url]
+
+
+def _python() -> str:
+    """This interpreter when the job runs on this machine or this process is in the cluster
+    (same install); `python` on the cluster's PATH otherwise."""
+    import ray._private.worker as worker
+
+    if cluster.is_loopback(dashboard_url()) or worker.global_worker.mode == worker.WORKER_MODE:
+        return sys.executable
+    return "python"
+
+
+def prepare(cfg: TrainConfig) -> TrainConfig:
+    """Check what can be checked before a job exists: config, task id, dataset, queue setting.
+    Returns the config with its task id and absolute dataset path; raises ConfigError / DatasetError."""
+    from sage_ray.data import load_dataset
+    from sage_ray.train.trainer import name_task
+
+    try:
+        cfg, _ = name_task(cfg)
+        concurrency_limit()
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    load_dataset(cfg.data)
+    return cfg
+
+
+def submit(cfg: TrainConfig, *, address: str | None = None) -> str:
+    """Validate `cfg`, record the job (queued) and hand it to Ray Jobs; return its task id.
+
+    ConfigError / DatasetError come before anything is recorded or submitted."""
+    cfg = prepare(cfg)
+    cluster.connect(address, log_to_driver=False)
+    home = Path(_call("info")["sage_home"])
+    paths = task_paths(home, cfg.name)
+    _call("create_job", cfg.name, config=cfg.model_dump(mode="json"), status="queued",
+          status_detail="submitted: waiting for the Ray job to start", log_path=str(paths.train_log))
+    header = (f"sage-ray fine-tune {cfg.name}; run it by hand with:\n"
+              f"ray job submit -- python -m sage_ray.train <this file> --name {cfg.name}")
+    config_path = _call("write_config", cfg.name, dump_train_config(cfg, header=header))
+    try:
+        _start_ray_job(cfg.name, config_path, str(home), submission_id=cfg.name)
+    except JobError:
+        _call("delete_job", cfg.name, force=True)  # nothing ran: leave the task id free
+        raise
+    return cfg.name
+
+
+def _start_ray_job(task_id: str, config_path: str, home: str, *, submission_id: str) -> None:
+    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+    env["SAGE_HOME"] = home  # the registry's home, which the job's records and files belong to
+    entrypoint = " ".join(shlex.quote(part) for part in (
+        _python(), "-m", "sage_ray.train", config_path, "--name", task_id))
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            _client().submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                 runtime_env={"env_vars": env}, metadata={"sage_task_id": task_id})
+            break
+        except Exception as err:  # the Jobs API answers HTTP errors as RuntimeError, and more
+            # a cluster that has just started has no job agent for a few seconds
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise JobError(f"Ray Jobs did not accept job {task_id!r}: {err}\n"
+                           f"Check the cluster's dashboard at {dashboard_url()}") from err
+    _call("update_job", task_id, ray_job_id=submission_id)
+
+
+def _ray_info(submission_id: str):
+    """Ray's JobDetails for a submission, _GONE if Ray does not know it, None if unreachable."""
+    try:
+        return _client().get_job_info(submission_id)
+    except Exception as err:  # HTTP errors come as RuntimeError, an unreachable dashboard as others
+        if "does not exist" in str(err) or "404" in str(err):
+            return _GONE
+        log.warning("could not ask Ray Jobs about %s (the record is shown as it is): %s", submission_id, err)
+        return None
+
+
+def _reconcile(job: dict, info: Any) -> dict:
+    """Bring an active record in line with a Ray job that ended without the driver saying so."""
+    if job["status"] in TERMINAL or info is None:
+        return job
+    task_id = job["task_id"]
+    ray_status = None if info == _GONE else getattr(info.status, "value", str(info.status))
+    if info == _GONE:
+        fields = {"status": "failed", "error": f"its Ray job {job['ray_job_id']} is gone (was the cluster "
+                                               f"restarted?); continue it: sage finetune resume {task_id}"}
+    elif ray_status == "FAILED":
+        fields = {"status": "failed", "error": f"the Ray job failed: {info.message or 'no message'}; "
+                                               f"its log: sage finetune logs {task_id}"}
+    elif ray_status == "STOPPED":
+        fields = {"status": "cancelled", "status_detail": "stopped with `ray job stop`"}
+    else:
+        if ray_status == "PENDING" and job["status"] == "queued" and not job.get("status_detail"):
+            return {**job, "status_detail": "waiting for the Ray job to start"}
+        return job
+    return _call("update_job", task_id, only_if=ACTIVE, **fields) or _call("get_job", task_id)
+
+
+def get(task_id: str) -> dict:
+    """The job's record, reconciled with its live Ray job."""
+    job = _call("get_job", task_id)
+    if job is None:
+        raise JobNotFoundError(f"no fine-tune job {task_id!r}; `sage finetune list` shows them")
+    if job["status"] in TERMINAL or not job.get("ray_job_id"):
+        return job
+    return _reconcile(job, _ray_info(job["ray_job_id"]))
+
+
+def list_jobs() -> list[dict]:
+    """Every job, newest first, each reconciled with its Ray job (one Ray Jobs call in all)."""
+    records = _call("list_jobs")
+    if not any(job["status"] not in TERMINAL and job.get("ray_job_id") for job in records):
+        return records
+    try:
+        ray_jobs = {info.submission_id: info for info in _client().list_jobs() if info.submission_id}
+    except Exception as err:
+        log.warning("could not list Ray jobs: %s", err)
+        return records
+    return [_reconcile(job, ray_jobs.get(job["ray_job_id"], _GONE)) if job.get("ray_job_id") else job
+            for job in records]
+
+
+def cancel(task_id: str, timeout_s: float = 10) -> dict:
+    """Stop a queued or running job: its record says cancelled and, within `timeout_s`, neither
+    its Ray job nor any of its workers is left."""
+    deadline = time.monotonic() + timeout_s
+    job = get(task_id)
+    if job["status"] == "cancelled":
+        return job
+    if job["status"] in TERMINAL:
+        raise JobStateError(f"job {task_id!r} already {job['status']}: nothing to cancel "
+                            f"(sage finetune delete {task_id} removes it)")
+    if not job.get("ray_job_id") and job["status"] != "queued":
+        raise JobStateError(f"job {task_id!r} runs in its own process (finetune() or quickstart), not as a Ray "
+                            "job: stop that process (Ctrl-C)")
+    done = _call("update_job", task_id, status="cancelled", status_detail="cancelled by the user", only_if=ACTIVE)
+    if done is None:  # it finished meanwhile
+        return cancel(task_id, max(0.0, deadline - time.monotonic()))
+    if job.get("ray_job_id"):
+        _stop_ray_job(job["ray_job_id"], deadline, timeout_s)
+    return _call("get_job", task_id)
+
+
+def _stop_ray_job(submission_id: str, deadline: float, timeout_s: float) -> None:
+    """`ray job stop`, then wait until Ray says it ended and none of its actors lives."""
+    client = _client()
+    try:
+        client.stop_job(submission_id)
+    except RuntimeError as err:
+        if "does not exist" in str(err):
+            return
+        raise JobError(f"could not stop Ray job {submission_id}: {err}") from err
+    left: list[str] = []
+    while True:
+        info = _ray_info(submission_id)
+        if info == _GONE:
+            return
+        if info is not None and info.status.is_terminal():
+            left = _live_actors(info.job_id)
+            if not left:
+                return
+        if time.monotonic() > deadline:
+            raise JobError(f"Ray job {submission_id} did not stop within {timeout_s:g}s (status "
+                           f"{getattr(info, 'status', '?')}, actors left: {left or 'none'}); stop it with "
+                           f"`ray job stop {submission_id}`, or end those actors with ray.kill")
+        time.sleep(0.2)
+
+
+def _live_actors(job_hex: str | None) -> list[str]:
+    """The job's actors still alive (its Ray Train controller and workers), as class names;
+    detached ones (the registry, when this job happened to create it) outlive jobs by design."""
+    if not job_hex:
+        return []
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard_url(), filters=[("job_id", "=", job_hex), ("state", "=", "ALIVE")],
+                         detail=True, raise_on_missing_output=False)
+    return [actor.class_name for actor in actors if not actor.is_detached]
+
+
+def delete(task_id: str) -> None:
+    """Remove a finished job: its record, its artifacts' records, its task folder, its Ray jobs."""
+    job = get(task_id)
+    if job["status"] not in TERMINAL:
+        raise JobStateError(f"job {task_id!r} is {job['status']}; cancel it first: sage finetune cancel {task_id}")
+    _call("delete_task", task_id)
+    client = _client()
+    for submission_id in _submission_ids(job):
+        try:
+            client.delete_job(submission_id)  # frees the id, so a new job may take the name
+        except Exception:
+            pass  # Ray never had it, or has forgotten it (cluster restarted)
+
+
+def _submission_ids(job: dict) -> list[str]:
+    current = job.get("ray_job_id") or job["task_id"]
+    stem, _, number = current.rpartition("-resume")
+    resumes = int(number) if stem == job["task_id"] and number.isdigit() else 0
+    return [job["task_id"], *(f"{job['task_id']}-resume{n}" for n in range(1, resumes + 1)),
+            *([current] if current.startswith("raysubmit_") else [])]
+
+
+def resume(task_id: str) -> str:
+    """Continue a failed or cancelled job from its last checkpoint (Ray Train restores it;
+    progress is set back to that step so it stays monotonic from there). Returns the task id."""
+    job = get(task_id)
+    if job["status"] not in RESUMABLE:
+        hint = "nothing to resume" if job["status"] == "completed" else "it is still running"
+        raise JobStateError(f"job {task_id!r} is {job['status']}: {hint}; only failed or cancelled jobs resume")
+    if not job.get("config"):
+        raise JobStateError(f"job {task_id!r} has no config in the registry; start it again with sage finetune start")
+    home = _call("info")["sage_home"]
+    cfg = TrainConfig.model_validate({**job["config"], "name": task_id})
+    config_path = _call("write_config", task_id, dump_train_config(cfg, header=f"sage-ray fine-tune {task_id} (resumed)"))
+    step = _call("checkpoint_step", task_id) or 0
+    submission_id = _next_submission_id(job)
+    queued = _call("update_job", task_id, status="queued", ray_job_id=None, only_if=RESUMABLE,
+                   status_detail=f"resuming from step {step}" if step else "restarting: no checkpoint was saved")
+    if queued is None:
+        raise JobStateError(f"job {task_id!r} changed state meanwhile; look again: sage finetune status {task_id}")
+    _call("rewind_progress", task_id, step)
+    try:
+        _start_ray_job(task_id, config_path, home, submission_id=submission_id)
+    except JobError as err:
+        _call("update_job", task_id, status="failed", error=str(err), only_if=("queued",))
+        raise
+    return task_id
+
+
+def _next_submission_id(job: dict) -> str:
+    resumes = [s for s in _submission_ids(job) if s.startswith(f"{job['task_id']}-resume")]
+    return f"{job['task_id']}-resume{len(resumes) + 1}"
+
+
+def logs(task_id: str, tail: int | None = None) -> str:
+    """The job's train.log, or its last `tail` lines."""
+    get(task_id)
+    return _call("tail_log", task_id, tail)
+
+
+def follow_logs(task_id: str, poll_s: float = 0.5) -> Iterator[str]:
+    """The log's lines (without newlines) as they are written; ends once the job has ended and
+    every line is out."""
+    offset = 0
+    while True:
+        finished = get(task_id)["status"] in TERMINAL
+        text, offset = _call("read_log", task_id, offset)
+        yield from text.splitlines()
+        if finished and not text:
+            return
+        if not text:
+            time.sleep(poll_s)
+
+
+def wait(task_id: str, timeout_s: float | None = None,
+         on_progress: Callable[[dict], None] | None = None, poll_s: float = 0.5) -> dict:
+    """Wait until the job ends and return its record; `on_progress(record)` on every change."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = None
+    while True:
+        job = get(task_id)
+        state = tuple(job.get(k) for k in ("status", "status_detail", "step", "progress", "loss", "error"))
+        if on_progress is not None and state != seen:
+            on_progress(job)
+        seen = state
+        if job["status"] in TERMINAL:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobTimeoutError(f"job {task_id!r} is still {job['status']} after {timeout_s:g}s; it keeps "
+                                  f"running (sage finetune cancel {task_id} stops it)")
+        time.sleep(poll_s)
+
+
+def model_of(task_id: str) -> dict | None:
+    """The registry's model of a completed job: its merged model if any, else its adapter."""
+    return _call("get_task_model", task_id)

@@ -1,0 +1,153 @@
+"""The fine-tune queue: which waiting job may start now.
+
+Every job's driver asks the registry actor for a slot before it asks Ray for training workers
+(`python -m sage_ray.train` and in-process `finetune()` alike). The actor answers one call at
+a time, so "check the queue, check the free resources, mark the job preparing" is atomic: two
+drivers never both take the last free CPUs. A slot is granted to the oldest live waiting job
+when fewer than the limit of jobs run (SAGE_MAX_CONCURRENT_JOBS) and the cluster has the
+CPUs/GPUs its workers need, net of what jobs granted a moment ago have not placed yet.
+
+Drivers ask about once a second while they wait. A queued job whose driver stopped asking (it
+died, or the cluster restarted under it) stops holding up the jobs behind it after a grace
+period; a running job whose driver is dead stops counting toward the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from sage_ray.registry.store import RUNNING, RegistryStore
+
+WAITING = "waiting for resources"
+LIMIT_ENV = "SAGE_MAX_CONCURRENT_JOBS"
+POLL_STALE_S = 5.0  # a waiting driver asks every ~1 s: 5 s of silence means it is gone
+STARTUP_GRACE_S = 60.0  # a queued job whose driver has not asked yet may still be starting up
+EPSILON = 1e-6
+
+
+def concurrency_limit(environ: dict[str, str] | None = None) -> int | None:
+    """SAGE_MAX_CONCURRENT_JOBS as a positive int, or None (no limit beyond resources)."""
+    raw = (environ if environ is not None else os.environ).get(LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{LIMIT_ENV}={raw!r}: give a positive whole number of jobs, or unset it for no limit")
+    return limit
+
+
+def worker_demand(config: dict[str, Any] | None) -> dict[str, float]:
+    """What a job's training workers ask Ray for, from its resolved config."""
+    config = config or {}
+    workers = int(config.get("num_workers") or 1)
+    demand = {"CPU": float(config.get("cpus_per_worker") or 1) * workers}
+    if config.get("use_gpu"):
+        demand["GPU"] = float(workers)
+    return demand
+
+
+def _amount(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass
+class Decision:
+    granted: bool
+    detail: str | None = None
+
+
+def decide(need: dict[str, float], *, ahead: int, running: int, limit: int | None,
+           available: dict[str, float], claimed: dict[str, float], total: dict[str, float]) -> Decision:
+    """May a job needing `need` start now? `ahead`: live jobs queued before it; `claimed`: what
+    granted jobs will take but Ray does not show as used yet."""
+    for resource, amount in need.items():
+        if amount > total.get(resource, 0.0) + EPSILON:
+            return Decision(False, f"{WAITING}: needs {_amount(amount)} {resource}, the cluster has "
+                                   f"{_amount(total.get(resource, 0.0))} in all (add nodes, or lower "
+                                   "num_workers / cpus_per_worker; cancel it otherwise)")
+    if ahead:
+        return Decision(False, f"{WAITING}: {ahead} job(s) ahead in the queue")
+    if limit is not None and running >= limit:
+        return Decision(False, f"{WAITING}: {running} of {limit} concurrent jobs running ({LIMIT_ENV})")
+    short = [f"needs {_amount(amount)} {resource}, "
+             f"{_amount(max(0.0, available.get(resource, 0.0) - claimed.get(resource, 0.0)))} free"
+             for resource, amount in need.items()
+             if amount > available.get(resource, 0.0) - claimed.get(resource, 0.0) + EPSILON]
+    if short:
+        return Decision(False, f"{WAITING}: {'; '.join(short)}")
+    return Decision(True)
+
+
+def _epoch(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+class SlotQueue:
+    """The registry actor's queue keeper: who asked when, and which driver runs which job.
+
+    This memory is lost when the actor restarts; live drivers re-announce themselves within a
+    second, and until then every queued job counts as live (the grace period)."""
+
+    def __init__(self, cluster_state: Callable[[], tuple[dict, dict, set[str]]]):
+        # cluster_state() -> (available resources, total resources, hex ids of live drivers)
+        self.cluster_state = cluster_state
+        self.started = time.time()
+        self.last_asked: dict[str, float] = {}
+        self.drivers: dict[str, str] = {}
+
+    def _live_waiting(self, job: dict[str, Any], now: float) -> bool:
+        asked = self.last_asked.get(job["task_id"])
+        if asked is not None:
+            return now - asked < POLL_STALE_S
+        return now - max(_epoch(job.get("queued_at") or job["created_at"]), self.started) < STARTUP_GRACE_S
+
+    def acquire(self, store: RegistryStore, task_id: str, need: dict[str, float], limit: int | None,
+                driver: str | None) -> dict[str, Any]:
+        """Grant `task_id` a slot (its status becomes preparing) or say why it waits."""
+        now = time.time()
+        job = store.get_job(task_id)
+        if job is None:
+            return {"granted": False, "status": None, "detail": "no such job"}
+        if driver:
+            self.drivers[task_id] = driver
+        if job["status"] != "queued":  # cancelled while waiting, or a replayed call that was granted
+            return {"granted": job["status"] in RUNNING, "status": job["status"], "detail": job["status_detail"]}
+        self.last_asked[task_id] = now
+        available, total, live_drivers = self.cluster_state()
+        jobs = store.list_jobs(("queued", *sorted(RUNNING)))
+        order = (job.get("queued_at") or job["created_at"], job["created_at"])
+        ahead = sum(1 for other in jobs if other["status"] == "queued" and other["task_id"] != task_id
+                    and (other.get("queued_at") or other["created_at"], other["created_at"]) < order
+                    and self._live_waiting(other, now))
+        running = [other for other in jobs if other["status"] in RUNNING
+                   and self.drivers.get(other["task_id"], "live") in live_drivers | {"live"}]
+        claimed: dict[str, float] = {}
+        for other in running:
+            if other["status"] == "preparing":  # granted, workers maybe not placed yet
+                for resource, amount in worker_demand(other.get("config")).items():
+                    claimed[resource] = claimed.get(resource, 0.0) + amount
+        decision = decide(need, ahead=ahead, running=len(running), limit=limit, available=available,
+                          claimed=claimed, total=total)
+        if decision.granted:
+            store.update_job(task_id, status="preparing", only_if=("queued",))
+            self.last_asked.pop(task_id, None)
+            return {"granted": True, "status": "preparing", "detail": None}
+        if decision.detail != job["status_detail"]:
+            store.update_job(task_id, status_detail=decision.detail, only_if=("queued",))
+        return {"granted": False, "status": "queued", "detail": decision.detail}
+
+
+def ray_cluster_state() -> tuple[dict, dict, set[str]]:
+    """Free and total resources, and the drivers (Ray job ids) still alive, as Ray sees them."""
+    import ray
+    from ray._private import state
+
+    live = {job["JobID"] for job in state.jobs() if not job.get("IsDead")}
+    return ray.available_resources(), ray.cluster_resources(), live
