@@ -40,9 +40,16 @@ class ServingRegistry:
 
     def artifact(self, ref: str) -> dict[str, Any]:
         """The registry record a name, task id, 'demo'/'tiny' or allowed path names (ModelRefError if none)."""
-        return find_artifact(ref, get_artifact=lambda name: self.call("get_artifact", name),
-                             get_task_model=lambda task: self.call("get_task_model", task),
-                             find_by_path=self.find_by_path, roots=self.settings.roots())
+        record = find_artifact(ref, get_artifact=lambda name: self.call("get_artifact", name),
+                               get_task_model=lambda task: self.call("get_task_model", task),
+                               find_by_path=self.find_by_path, roots=self.settings.roots())
+        models = (Path(self.settings.sage_home) / "models").resolve()
+        if (record["kind"] == "base" and Path(record["path"]).resolve().parent == models
+                and self.find_by_path(record["path"]) is None):
+            # 'demo' and 'tiny' are built into models/ on first use, after the registry's start-up discovery
+            self.call("discover", prune=False)
+            record = self.find_by_path(record["path"]) or record
+        return record
 
     def spec(self, ref: str) -> ModelSpec:
         return spec_of(self.artifact(ref))

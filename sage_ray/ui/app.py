@@ -45,6 +45,24 @@ HOVER_JS = """<script>
   }).observe(document.documentElement, { childList: true, subtree: true });
 })();
 </script>"""
+# The live log view shows its newest lines: Gradio's autoscroll leaves a log that first
+# arrives while its panel is hidden (or replaced whole on each refresh) scrolled to the top.
+# It stays pinned to the bottom until the user scrolls up, and pins again at the bottom.
+LOG_TAIL_JS = """<script>
+(() => {
+  const pinned = new WeakMap();
+  const atBottom = (t) => t.scrollTop + t.clientHeight >= t.scrollHeight - 24;
+  setInterval(() => {
+    const t = document.querySelector("#task-logs textarea");
+    if (!t) return;
+    if (!pinned.has(t)) {
+      pinned.set(t, true);
+      t.addEventListener("scroll", () => pinned.set(t, atBottom(t)), { passive: true });
+    }
+    if (pinned.get(t) && t.clientHeight && !atBottom(t)) t.scrollTop = t.scrollHeight;
+  }, 300);
+})();
+</script>"""
 # Chat streams and service calls block in worker threads; one slow chat must not
 # hold up another browser's table refresh (Gradio's default is 1 per event).
 CONCURRENCY = 8
@@ -76,7 +94,7 @@ def build_ui(service) -> gr.Blocks:
 def launch_kwargs() -> dict:
     """Theme, stylesheet and page script, for `blocks.launch(**launch_kwargs())` or
     `gr.mount_gradio_app(..., **launch_kwargs())` (Gradio 6 takes them there)."""
-    return {"theme": THEME, "css_paths": [CSS_PATH], "head": HOVER_JS}
+    return {"theme": THEME, "css_paths": [CSS_PATH], "head": HOVER_JS + LOG_TAIL_JS}
 
 
 def mount_ui(fastapi_app, service, path: str = "/", **mount_kwargs):

@@ -95,7 +95,8 @@ def base_model_update(service) -> dict:
     except Exception as exc:  # the free-text entry still works without the list
         log.warning("reading base models failed: %s", exc)
         return gr.skip()
-    return gr.update(choices=fmt.base_model_choices(models), value=fmt.default_base_model(models, current))
+    return gr.update(choices=fmt.base_model_choices(models, current),
+                     value=fmt.default_base_model(models, current))
 
 
 def wire(tab: SimpleNamespace, service, blocks: gr.Blocks, chat_header: gr.Markdown) -> None:

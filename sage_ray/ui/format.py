@@ -154,19 +154,32 @@ def paths_holder_html(models: list[dict], current: dict | None) -> str:
     return f'<div id="sr-model-paths" hidden data-paths="{data}"></div>'
 
 
-def base_model_choices(models: list[dict]) -> list[tuple[str, str]]:
+def base_model_choices(models: list[dict], current: dict | None = None) -> list[tuple[str, str]]:
     """Base models for the training form: labelled by name, valued by local path.
 
-    The path is what the trainer resolves without any registry lookup.
+    The path is what the trainer resolves without any registry lookup. The served base is
+    added when the registry does not list it (a model built into models/ after the registry
+    started, e.g. 'tiny' or 'demo' on first use), so the form shows its name, not a raw path.
     """
     bases = sorted((m for m in models if m.get("kind", "base") == "base"), key=lambda m: m["name"])
-    return [(m["name"], m.get("path") or m["name"]) for m in bases]
+    choices = [(m["name"], m.get("path") or m["name"]) for m in bases]
+    ref = _served_base_ref(current)
+    if ref and not any(ref in (m["name"], m.get("path")) for m in bases):
+        choices.insert(0, (current["name"] if current.get("kind") == "base" else short_model(ref), ref))
+    return choices
+
+
+def _served_base_ref(current: dict | None) -> str | None:
+    """The base the served model runs on: its own path for a base model, else its base_model."""
+    if not current:
+        return None
+    return current.get("path") if current.get("kind") == "base" else current.get("base_model")
 
 
 def default_base_model(models: list[dict], current: dict | None) -> str | None:
     """The base the Studio serves: the current model's base, or the current model itself."""
     if current:
-        ref = current.get("path") if current.get("kind") == "base" else current.get("base_model")
+        ref = _served_base_ref(current)
         for m in models:
             if m.get("kind", "base") == "base" and ref in (m["name"], m.get("path")):
                 return m.get("path") or m["name"]

@@ -44,9 +44,11 @@ def _read_logs(service, task_id: str | None, tail: int) -> str:
     if task_id is None:
         return ""
     try:
-        return service.job_logs(task_id, tail=tail) or NO_LOGS
+        text = service.job_logs(task_id, tail=tail)
     except Exception as exc:  # a log that cannot be read is said in the log view itself
         return f"[could not read the log: {fmt.error_text(exc)}]"
+    # progress lines already say step, loss and speed: the EVENT json beside them is for machines
+    return "\n".join(line for line in (text or "").splitlines() if " EVENT {" not in line) or NO_LOGS
 
 
 def task_views(service, selected: str | None, tail: int = LOG_TAIL) -> dict:

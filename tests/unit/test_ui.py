@@ -462,3 +462,10 @@ def test_build_ui_has_the_elements_the_browser_test_drives():
                 "compare-send", "models-table", "models-refresh"}
     assert expected <= ids, expected - ids
     assert isinstance(blocks, gr.Blocks)
+
+
+def test_base_choices_include_the_served_base_the_registry_lacks():
+    cur = {"name": "tiny-qwen2", "kind": "base", "path": "/h/models/tiny-qwen2"}
+    assert fmt.base_model_choices([], cur) == [("tiny-qwen2", "/h/models/tiny-qwen2")]
+    lora = {"name": "t1", "kind": "lora", "path": "/h/t1/lora", "base_model": "/h/models/tiny-qwen2"}
+    assert fmt.base_model_choices([], lora) == [("tiny-qwen2", "/h/models/tiny-qwen2")]

@@ -1,0 +1,117 @@
+"""End-to-end browser tests: a real local Ray cluster, the Studio config-deployed on it with
+the tiny model and the web UI, and headless Chromium driven by Playwright.
+
+The cluster is this folder's own (pytest conftest scoping keeps tests/integration's fixtures
+out of reach): `ray start --head` on 127.0.0.1 with free ports and its own temp dir, like
+tests/integration/conftest.py, stopped by that temp dir only. RAY_AUTH_MODE, SAGE_HOME and a
+PATH starting with this interpreter's folder are set before the cluster starts, so the Ray
+job drivers of the fine-tunes inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("SAGE_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+APP = "studio"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: drives the Studio web UI in headless Chromium on a real Ray cluster")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Screenshots go here: $SAGE_TEST_ARTIFACTS, else tests/e2e/artifacts (git-ignored)."""
+    folder = Path(os.environ.get("SAGE_TEST_ARTIFACTS") or REPO / "tests" / "e2e" / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray cluster (2 CPUs, dashboard on a free port) joined by this process."""
+    import ray
+
+    from sage_ray.cluster import start_local_cluster, stop_local_cluster
+    from sage_ray.registry import get_registry
+
+    home = tmp_path_factory.mktemp("sage_home")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        env.setenv("SAGE_HOME", str(home))
+        env.delenv("RAY_ADDRESS", raising=False)
+        env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        info = start_local_cluster(num_cpus=2, dashboard_port=free_port())
+        try:
+            ray.init(address=info.address, log_to_driver=False)
+            get_registry(home)  # claim the registry name for this session's SAGE_HOME at once
+            yield {"home": home, "info": info}
+        finally:
+            ray.shutdown()
+            stop_local_cluster(info)
+            shutil.rmtree(info.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def studio_url(request) -> str:
+    """The Studio under test: $SAGE_TEST_STUDIO_URL (one already running with model "tiny",
+    for working on the tests), else a fresh one on this session's own cluster."""
+    if os.environ.get("SAGE_TEST_STUDIO_URL"):
+        return os.environ["SAGE_TEST_STUDIO_URL"].rstrip("/")
+    return request.getfixturevalue("deployed_studio")
+
+
+@pytest.fixture(scope="session")
+def deployed_studio(e2e_cluster) -> str:
+    """The Studio (tiny model, transformers engine, web UI) config-deployed on the cluster."""
+    from ray import serve
+
+    from sage_ray.serve.deploy import deploy_studio
+    from sage_ray.serve.settings import StudioSettings
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = StudioSettings(sage_home=str(e2e_cluster["home"]), model="tiny", engine="hf", ui=True)
+    deploy_studio(settings, port=port, app_name=APP, timeout_s=300)
+    # no serve.shutdown() after: the whole cluster stops with the session (e2e_cluster)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium; a missing browser fails the test and says how to install it."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"the browser tests need Chromium at {CHROMIUM}: install it with "
+                    "`sudo apt-get install chromium` (or `make browser`), or point SAGE_TEST_CHROMIUM at one",
+                    pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    yield page
+    context.close()
