@@ -156,7 +156,7 @@ def launch(*, model: str | None = None, use_finetuned: bool = False, host: str =
     except ValueError as err:
         fail(str(err))
     check_model(settings.model, settings)
-    warn_if_public(host, settings.api_key)
+    warn_if_public(host, settings.api_key_sha256)
     info = join_cluster(address, start=True)
     port = choose_port(serve_details(), host, port)
     url = deploy(settings, host=host, port=port)
@@ -294,8 +294,8 @@ def status(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> No
     print(f"studio: {app_.get('status')} at {url}" + (f" ({app_['message']})" if app_.get("message") else ""))
     for name, deployment in sorted((app_.get("deployments") or {}).items()):
         print(f"  {name}: {deployment.get('status')}, {_replicas(deployment)}")
-    args = (app_.get("deployed_app_config") or {}).get("args") or {}
-    with StudioClient(url, api_key=args.get("api_key"), timeout=15) as client:
+    # the key itself is never in the Serve config: StudioClient takes it from SAGE_STUDIO_API_KEY
+    with StudioClient(url, timeout=15) as client:
         try:
             current = client.models.current()
             error = f", last error: {current.error}" if current.error else ""

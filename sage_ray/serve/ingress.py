@@ -7,7 +7,6 @@ Blocks do not survive pickling (DESIGN.md).
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -64,9 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(mapped.status, str(mapped), mapped.detail)
 
 
-def install_auth(app: FastAPI, api_key: str | None) -> None:
+def install_auth(app: FastAPI, settings: StudioSettings) -> None:
     """With an API key set, /v1 and /api need `Authorization: Bearer <key>` (the UI has its own login)."""
-    if not api_key:
+    if not settings.api_key_sha256:
         return
 
     @app.middleware("http")
@@ -74,8 +73,7 @@ def install_auth(app: FastAPI, api_key: str | None) -> None:
         path = request.url.path
         if path.startswith(("/v1", "/api")) and path not in PUBLIC_PATHS:
             given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
+            if not settings.check_key(given[7:] if given.lower().startswith("bearer ") else None):
                 return _error(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
         return await call_next(request)
 
@@ -86,7 +84,7 @@ def build_asgi_app(service) -> FastAPI:
 
     app = FastAPI(title="sage-ray Studio", description="Fine-tune, serve and chat: the Studio's API.")
     install_error_handlers(app)
-    install_auth(app, service.settings.api_key)
+    install_auth(app, service.settings)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -97,7 +95,8 @@ def build_asgi_app(service) -> FastAPI:
     if service.settings.ui:  # last: a mount at "/" takes every path not matched above
         from sage_ray.ui.app import mount_ui
 
-        auth = ("sage", service.settings.api_key) if service.settings.api_key else None
+        settings = service.settings
+        auth = (lambda _user, password: settings.check_key(password)) if settings.api_key_sha256 else None
         app = mount_ui(app, service, "/", auth=auth)
     return app
 

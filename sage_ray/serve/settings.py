@@ -8,11 +8,13 @@ replicas are started by its controller and do not inherit the shell's variables.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sage_ray.paths import sage_home
 
@@ -47,12 +49,27 @@ class StudioSettings(BaseModel):
     llm_num_gpus: float = Field(0, ge=0, description="GPUs for the LLM replica (1 for vLLM on a GPU node).")
     llm_replicas: int = Field(1, ge=1, description="LLM replicas; a switch reconfigures each in place.")
     api_key: str | None = Field(None, description="When set, every request needs `Authorization: Bearer <key>` "
-                                                  "(SAGE_STUDIO_API_KEY).")
+                                                  "(SAGE_STUDIO_API_KEY). Kept only as its SHA-256: the "
+                                                  "Serve config, readable on the dashboard, never holds it.")
+    api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the API key; set from api_key.")
     allowed_roots: list[str] = Field(default_factory=list,
                                      description="Folders besides SAGE_HOME from which models may be served "
                                                  "by path (SAGE_STUDIO_ALLOWED_ROOTS, ':'-separated).")
     max_upload_mb: float = Field(50, gt=0, description="Largest dataset upload accepted.")
     ui: bool = Field(True, description="Mount the Gradio web UI at /.")
+
+    @model_validator(mode="after")
+    def _hash_api_key(self) -> "StudioSettings":
+        if self.api_key:
+            self.api_key_sha256, self.api_key = hashlib.sha256(self.api_key.encode()).hexdigest(), None
+        return self
+
+    def check_key(self, token: str | None) -> bool:
+        """True when no key is required, or `token` is the key (constant-time comparison)."""
+        if not self.api_key_sha256:
+            return True
+        digest = hashlib.sha256((token or "").encode()).hexdigest()
+        return hmac.compare_digest(digest, self.api_key_sha256)
 
     @field_validator("sage_home")
     @classmethod
