@@ -166,6 +166,16 @@ class LLMServer:
                                        params=params):
             yield asdict(delta)
 
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One whole reply in one response: no per-token messages for a caller that does not stream."""
+        from sage_ray.serve.engines.base import complete
+
+        engine, spec = await self._target(request.get("model"))
+        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
+        delta = await complete(engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
+                                           params=params))
+        return {"model": spec.name, **asdict(delta)}
+
     async def status(self) -> dict[str, Any]:
         return self.status_dict()
 

@@ -71,13 +71,13 @@ def build_openai_router(service) -> APIRouter:
             service.chat_request, [m.model_dump() for m in body.messages], body.model,
             max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
             top_p=body.top_p, stop=stop, seed=body.seed)
-        chunks = service.llm.options(stream=True).chat.remote(request)
         base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time())}
+        if not body.stream:
+            return _completion(base, await service.llm.complete.remote(request))
+        chunks = service.llm.options(stream=True).chat.remote(request)
         first = await chunks.__anext__()  # fails here, before any byte is sent, if no model can answer
         base["model"] = first["model"]
-        if body.stream:
-            return StreamingResponse(_sse(base, chunks), media_type="text/event-stream")
-        return await _collect(base, chunks)
+        return StreamingResponse(_sse(base, chunks), media_type="text/event-stream")
 
     return router
 
@@ -92,15 +92,9 @@ async def _sse(base: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> A
     yield "data: [DONE]\n\n"
 
 
-async def _collect(base: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-    text, finish, usage = [], "stop", {"prompt_tokens": 0, "completion_tokens": 0}
-    async for piece in chunks:
-        text.append(piece.get("text") or "")
-        if piece.get("finish_reason"):
-            finish = piece["finish_reason"]
-        for key in usage:
-            usage[key] = max(usage[key], piece.get(key) or 0)
+def _completion(base: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    usage = {"prompt_tokens": reply.get("prompt_tokens") or 0, "completion_tokens": reply.get("completion_tokens") or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {**base, "object": "chat.completion", "usage": usage,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": finish}]}
+    return {**base, "model": reply["model"], "object": "chat.completion", "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.get("text") or ""},
+                         "finish_reason": reply.get("finish_reason") or "stop"}]}
