@@ -6,6 +6,10 @@ Prints tokens/s at concurrency 1, 4 and 8 (every request greedy, `--tokens` toke
 stop so all requests do equal work), the ratio to concurrency 1, and the latency of
 load_adapter: from disk (a new adapter) and for an adapter already loaded (the switch a
 request sees: choosing it by name), as p50 / p99 over repeated calls. Needs no Ray.
+
+On a machine shared with other work, pass --threads 1: two OpenMP threads on two busy
+cores spin-wait for each other and the wall clock then measures the neighbours. Tokens
+per CPU second are printed too; they stay comparable under load.
 """
 
 from __future__ import annotations

@@ -54,11 +54,12 @@ def with_llm_user_config(config: dict[str, Any], user_config: dict[str, Any]) ->
     return {**config, "deployments": [*deployments, {**current, "name": LLM_DEPLOYMENT, "user_config": user_config}]}
 
 
-def declare_model(settings: StudioSettings, app_name: str, ref: str) -> bool:
-    """Declare `ref` as the app's model by a whole-config deploy; True when the app had a config
-    already (the switch happens in place), False when this deploy takes the app over."""
+def declare_model(settings: StudioSettings, app_name: str, ref: str, details: dict[str, Any] | None = None) -> bool:
+    """Declare `ref` as the app's model by a whole-config deploy (on top of `details`, Serve's
+    current state, fetched if not given); True when the app had a config already (the switch
+    happens in place), False when this deploy takes the app over."""
     client = _client()
-    details = client.get_serve_details()
+    details = details or client.get_serve_details()
     mine = app_config(details, app_name, settings)
     previous = next((d.get("user_config") for d in mine.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), None)
     user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref}

@@ -6,6 +6,10 @@ switches without touching the base; another full model loads in the background w
 old one keeps answering, then the active pointer moves in one step. A model that fails to
 load leaves the old one serving and its error on record. A restarted replica runs
 `reconfigure` with the declared config and so comes back with the declared model.
+
+Under a Studio gpu_policy of "release" a fine-tune borrows the replica's GPU: `release_gpu`
+moves the transformers engine to CPU (it keeps answering, slower) or unloads other engines,
+and `reclaim_gpu` moves or reloads the declared model back once no job borrows it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class LLMServer:
         self._loading: dict[str, asyncio.Future] = {}
         self.engine_kind = self.settings.engine if self.settings.engine != "auto" else (
             "vllm" if vllm_usable() else "hf")
+        self.lent_to: set[str] = set()  # fine-tunes (task ids) the GPU is lent to
+        self._unloaded_for_lending = False
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Declare the model to serve. The first call (replica start) waits for it to load;
@@ -62,7 +68,9 @@ class LLMServer:
         ref = str(user_config.get("model") or self.settings.model)
         if ref == self.declared and self.state in ("active", "loading"):
             return
-        self.declared = ref
+        # "loading" from the moment of the declaration: a reader must never see the new model
+        # declared next to the old one's "active" and take the switch for done (or failed)
+        self.declared, self.state = ref, "loading"
         switch = asyncio.create_task(self._switch(ref))
         if self.active is None:
             await switch
@@ -70,6 +78,9 @@ class LLMServer:
     async def _switch(self, ref: str) -> None:
         async with self._switch_lock:  # one swap at a time; a newer declaration wins
             if ref != self.declared:
+                return
+            if self._unloaded_for_lending:  # the GPU is lent: reclaim_gpu loads the declared model
+                await asyncio.to_thread(self.registry.record_serving, self.status_dict())
                 return
             self.state, started, previous = "loading", time.monotonic(), self.active
             try:
@@ -118,7 +129,8 @@ class LLMServer:
         base = spec.full_model_path
         await self._make_room(swapping=swapping)
         engine = create_engine(self.engine_kind, **(self._engine_options if self.engine_kind == "vllm" else
-                                                    {"threads": self._hf_threads()}))
+                                                    {"threads": self._hf_threads(),
+                                                     **({"device": "cpu"} if self.lent_to else {})}))
         await engine.start(ModelSpec(name=spec.name if spec.kind != "lora" else f"base:{base}", path=base,
                                      kind="merged" if spec.kind == "merged" else "base"))
         self.engines[base] = engine
@@ -128,7 +140,10 @@ class LLMServer:
         if self.settings.llm_threads:
             return self.settings.llm_threads
         cpus = self.settings.llm_num_cpus
-        return max(1, int(cpus)) if cpus >= 1 else (os.cpu_count() or 1)
+        # With no CPUs reserved, half the cores: fine-tunes on the same machine keep the rest, and
+        # torch threads that outnumber free cores spin-wait for each other (measured on 2 shared
+        # cores: 1 request at 1-4 tokens/s with 2 threads against 17 with 1).
+        return max(1, int(cpus)) if cpus >= 1 else max(1, (os.cpu_count() or 2) // 2)
 
     async def _make_room(self, *, swapping: bool) -> None:
         """Unload least-recently-used bases until one more fits. The active model goes only
@@ -147,6 +162,9 @@ class LLMServer:
             await self.engines.pop(victims[0]).shutdown()
 
     async def _target(self, model: str | None) -> tuple[Engine, ModelSpec]:
+        if self._unloaded_for_lending:
+            raise ModelUnavailableError(f"the chat model lent its GPU to fine-tune {', '.join(sorted(self.lent_to))} "
+                                        "(gpu_policy 'release'); it is back when that job ends")
         if model is None or (self.active is not None and model in (self.active.name, self.active.path)):
             if self.active is None and self.state == "loading":
                 await asyncio.wait_for(self._ready.wait(), timeout=600)  # a swap with room for one model
@@ -186,10 +204,96 @@ class LLMServer:
                 "active": None if active is None else {"name": active.name, "kind": active.kind,
                                                        "path": active.path, "base_path": active.base_path},
                 "loaded_bases": list(self.engines), "engine": self.engine_kind,
-                "stats": {base: engine.stats() for base, engine in self.engines.items()}}
+                "stats": {base: engine.stats() for base, engine in self.engines.items()},
+                "node_id": _runtime().get_node_id(), "gpu": self._gpu_hold()}
+
+    # ---- lending the GPU to a fine-tune (gpu_policy "release") ------------------------------
+    def _gpu_hold(self) -> dict[str, Any] | None:
+        """What this replica holds under a gpu_policy, for the job queue (sage_ray.placement)."""
+        from sage_ray.placement import held_resources
+
+        settings = self.settings
+        if settings.gpu_policy == "none":
+            return None
+        return {"policy": settings.gpu_policy, "resources": held_resources(settings.llm_num_gpus,
+                                                                            settings.llm_resources),
+                "node_id": _runtime().get_node_id(), "actor_id": _runtime().get_actor_id(),
+                "app": serve.get_replica_context().app_name, "lent_to": sorted(self.lent_to)}
+
+    async def release_gpu(self, task_id: str) -> dict[str, Any]:
+        """Leave the GPU to fine-tune `task_id` until reclaim_gpu(task_id); idempotent."""
+        if self.settings.gpu_policy != "release":
+            raise ModelUnavailableError(f"gpu_policy is {self.settings.gpu_policy!r}: this replica does not lend "
+                                        "its GPU; set gpu_policy 'release' in the Studio settings")
+        async with self._switch_lock:
+            first = not self.lent_to
+            self.lent_to.add(task_id)
+            if first:
+                if self.engine_kind == "hf":
+                    await asyncio.to_thread(self._move_engines, "cpu")
+                else:  # vLLM cannot leave the GPU and keep serving: unload, reload after
+                    self._unloaded_for_lending, self.active = True, None
+                    self._ready.clear()
+                    while self.engines:
+                        await self.engines.popitem()[1].shutdown()
+                    self.state = "lent"
+        log.info("LLMServer: GPU lent to %s", sorted(self.lent_to))
+        await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+        return self.status_dict()
+
+    async def reclaim_gpu(self, task_id: str) -> dict[str, Any]:
+        """Take the GPU back from `task_id`; the model returns to it once no job borrows it."""
+        async with self._switch_lock:
+            self.lent_to.discard(task_id)
+            reload = not self.lent_to and self._unloaded_for_lending
+            if not self.lent_to and self.engine_kind == "hf":
+                await asyncio.to_thread(self._move_engines, None)
+            self._unloaded_for_lending = False if reload else self._unloaded_for_lending
+        if reload and self.declared:
+            await self._switch(self.declared)
+        log.info("LLMServer: GPU back from %s (still lent to %s)", task_id, sorted(self.lent_to) or "none")
+        await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+        return self.status_dict()
+
+    def _move_engines(self, device: str | None) -> None:
+        """Move every transformers engine's model to `device` (None: the engine's default, the GPU
+        when there is one); requests keep flowing on the device it is on."""
+        import torch
+
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for engine in self.engines.values():
+            model = getattr(engine, "base_model", None)
+            if model is None or engine.device == target:
+                continue
+
+            def move(engine=engine, model=model) -> None:
+                model.to(target)
+                engine.device = target  # inputs of the next batch follow the model
+
+            engine._locked(move)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    async def _reclaim_from_finished_jobs(self) -> None:
+        """A borrower whose job ended without handing the GPU back (its driver died) loses it."""
+        from sage_ray.registry.store import TERMINAL
+
+        for task_id in sorted(self.lent_to):
+            job = await asyncio.to_thread(self.registry.call, "get_job", task_id)
+            if job is None or job["status"] in TERMINAL:
+                log.warning("LLMServer: fine-tune %s ended without returning the GPU; taking it back", task_id)
+                await self.reclaim_gpu(task_id)
 
     async def check_health(self) -> None:
         # Healthy while it can take a switch: a replica whose model failed to load stays up
         # (restarting it would fail the same way) and says why in status().
-        if self.active is not None:
+        if self.lent_to:
+            await self._reclaim_from_finished_jobs()
+        if self.active is not None and not self._unloaded_for_lending:
             await self.engines[self.active.full_model_path].check_health()
+
+
+def _runtime():
+    import ray
+
+    return ray.get_runtime_context()

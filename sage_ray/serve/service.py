@@ -129,7 +129,7 @@ class StudioService:
         self.registry.call("set_active_model", name)
         details = deploy.serve_details()
         running = deploy.deployment_status(details, self.app_name) in ("HEALTHY", "UPDATING")
-        deploy.declare_model(self.settings, self.app_name, name)
+        deploy.declare_model(self.settings, self.app_name, name, details)
         if not running or self.llm is None:
             return {"model": self.current_model(), "message": PENDING}
         self._wait_for(name, wait_s)

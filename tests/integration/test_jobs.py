@@ -146,9 +146,13 @@ def test_cancel_then_resume_from_the_last_checkpoint(ray_cluster, tiny_model_dir
     assert cancelled["status"] == "cancelled"
     assert jobs._client().get_job_info(task_id).status.value == "STOPPED"
     assert not jobs._live_actors(ray_job.job_id)
-    commands = cluster_commands(ray_cluster)
-    assert any("raylet" in command for command in commands)  # the check below looks at the right tree
-    leftovers = [c for c in commands if any(word in c for word in ("RayTrainWorker", "TrainController", task_id))]
+    while True:  # the job's processes exit as their actors die: all gone within the 10 s of a cancel
+        commands = cluster_commands(ray_cluster)
+        assert any("raylet" in command for command in commands)  # the check below looks at the right tree
+        leftovers = [c for c in commands if any(word in c for word in ("RayTrainWorker", "TrainController", task_id))]
+        if not leftovers or time.monotonic() - started > 10:
+            break
+        time.sleep(0.2)
     assert not leftovers, leftovers
     assert not ray.get(get_registry(ray_cluster.sage_home).list_artifacts.remote(task_id=task_id))
 

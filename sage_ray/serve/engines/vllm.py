@@ -14,6 +14,7 @@ is no GPU and vLLM ships CUDA-only wheels; the pure conversions below are unit-t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import uuid
@@ -162,6 +163,8 @@ class VLLMEngine:
         self._engine = await asyncio.to_thread(_async_llm_class().from_engine_args, args)
         self._spec, self._base_path, self._stamp = spec, os.path.realpath(path), folder_stamp(path)
         self._tokenizer = self._engine.get_tokenizer()
+        if inspect.isawaitable(self._tokenizer):  # async in vLLM releases before the v1 engine
+            self._tokenizer = await self._tokenizer
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json: the tokenizer's eos is the stop
