@@ -2,7 +2,8 @@
 
 Starts its own local Ray cluster and the Studio (config deploy, engine hf) with the demo model
 (SmolLM2-135M-Instruct) and two LoRA adapters made here, then prints:
-  1. adapter switch latency p50/p99 through the Studio API (config deploy + reconfigure);
+  1. adapter switch latency p50/p99 through the Studio API (until the replica serves it; the
+     config deploy that makes it survive a restart follows in the background);
   2. a full model swap (base -> merged) vs a cold load of the same model in-process;
   3. failed requests during 20 swaps under 4 streaming clients;
   4. generation tokens/s through HTTP at concurrency 1, 4 and 8;
@@ -129,6 +130,7 @@ def swap_under_load(url: str, refs: list[str], swaps: int, tokens: int) -> tuple
             start = time.perf_counter()
             client.post("/api/finetune/switch-model", json={"model_path": refs[i % len(refs)]}).raise_for_status()
             times.append(time.perf_counter() - start)
+            time.sleep(0.5)  # let requests start on each model before the next swap
     stop.set()
     for t in threads:
         t.join()
@@ -194,7 +196,7 @@ def report(url: str, demo: Path, args) -> None:
         full_swap = time.perf_counter() - start
         switch(demo.name)
     rate_inproc, cold = in_process_tokens_per_s(demo, args.tokens)
-    print(f"1. adapter switch via the Studio API (config deploy + reconfigure, until active): "
+    print(f"1. adapter switch via the Studio API (POST switch-model until it answers with the adapter active): "
           f"p50 {percentile(adapter_times, .5) * 1000:.0f} ms, p99 {percentile(adapter_times, .99) * 1000:.0f} ms")
     print(f"2. full model swap base -> merged: {full_swap:.2f} s; cold load of that model in-process "
           f"{cold:.2f} s; ratio {full_swap / cold:.2f}x")

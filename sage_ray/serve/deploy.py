@@ -11,11 +11,14 @@ switches are in place.
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 from typing import Any
 
 from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 BUILDER = "sage_ray.serve.app:build_app"
+log = logging.getLogger("ray.serve")
 
 
 def dashboard_url() -> str:
@@ -54,7 +57,8 @@ def with_llm_user_config(config: dict[str, Any], user_config: dict[str, Any]) ->
     return {**config, "deployments": [*deployments, {**current, "name": LLM_DEPLOYMENT, "user_config": user_config}]}
 
 
-def declare_model(settings: StudioSettings, app_name: str, ref: str, details: dict[str, Any] | None = None) -> bool:
+def declare_model(settings: StudioSettings, app_name: str, ref: str, details: dict[str, Any] | None = None,
+                  version: int = 0) -> bool:
     """Declare `ref` as the app's model by a whole-config deploy (on top of `details`, Serve's
     current state, fetched if not given); True when the app had a config already (the switch
     happens in place), False when this deploy takes the app over."""
@@ -62,7 +66,7 @@ def declare_model(settings: StudioSettings, app_name: str, ref: str, details: di
     details = details or client.get_serve_details()
     mine = app_config(details, app_name, settings)
     previous = next((d.get("user_config") for d in mine.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), None)
-    user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref}
+    user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref, "version": version}
     others = [copy.deepcopy(app["deployed_app_config"]) for name, app in details.get("applications", {}).items()
               if name != app_name and app.get("deployed_app_config")]
     body: dict[str, Any] = {"applications": [*others, with_llm_user_config(mine, user_config)]}
@@ -73,6 +77,45 @@ def declare_model(settings: StudioSettings, app_name: str, ref: str, details: di
         body["proxy_location"] = details["proxy_location"]
     client.deploy_applications(body)
     return bool((details.get("applications", {}).get(app_name) or {}).get("deployed_app_config"))
+
+
+class BackgroundDeployer:
+    """Config deploys of the latest declaration, one at a time, off the request's path: a
+    switch already in force on the replica only needs the config to catch up (to survive a
+    restart), and a burst of switches needs only the last one deployed."""
+
+    def __init__(self, settings: StudioSettings, app_name: str):
+        self.settings, self.app_name = settings, app_name
+        self._pending: tuple[str, int] | None = None
+        self._busy = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, ref: str, version: int) -> None:
+        with self._cv:
+            self._pending = (ref, version)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sage-config-deploy", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def flush(self, timeout_s: float = 60) -> bool:
+        """Wait until every submitted declaration is deployed; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None)
+                (ref, version), self._pending, self._busy = self._pending, None, True
+            try:
+                declare_model(self.settings, self.app_name, ref, version=version)
+            except Exception:  # the switch is in force; only its survival of a restart is at stake
+                log.exception("sage-ray: the config deploy declaring %r failed", ref)
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
 
 def deployment_status(details: dict[str, Any], app_name: str, deployment: str = LLM_DEPLOYMENT) -> str | None:

@@ -28,6 +28,7 @@ from sage_ray.serve.engines.base import Engine, ModelSpec, SamplingParams, vllm_
 from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 log = logging.getLogger("ray.serve")
+DECLARE_WAIT_S = 5.0
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
 
 
@@ -48,6 +49,7 @@ class LLMServer:
         self.engines: OrderedDict[str, Engine] = OrderedDict()  # base folder -> engine, least recent first
         self.active: ModelSpec | None = None
         self.declared: str | None = None
+        self.version = 0  # of the declaration in force (time.time_ns() when it was made)
         self.state = "starting"
         self.error: str | None = None
         self.swaps = 0
@@ -66,14 +68,28 @@ class LLMServer:
         self._engine_options = {"gpu_memory_utilization": user_config.get(
             "gpu_memory_utilization", self.settings.gpu_memory_utilization)}
         ref = str(user_config.get("model") or self.settings.model)
-        if ref == self.declared and self.state in ("active", "loading"):
-            return
+        switch = self._declare(ref, int(user_config.get("version") or 0))
+        if switch is not None and self.active is None:
+            await switch
+
+    async def declare(self, ref: str, version: int) -> dict[str, Any]:
+        """The fast path of a switch with one replica: declared straight to it and awaited; the
+        config deploy that follows (same ref and version) makes it durable and is a no-op here."""
+        switch = self._declare(ref, version)
+        if switch is not None:
+            # an adapter switch ends in milliseconds; a full model load is followed by polling
+            await asyncio.wait([switch], timeout=DECLARE_WAIT_S)
+        return self.status_dict()
+
+    def _declare(self, ref: str, version: int) -> asyncio.Task | None:
+        # Declarations carry the time they were made: one that arrives after a newer one (a
+        # config deploy trailing a direct declaration) is stale and ignored.
+        if version < self.version or (ref == self.declared and self.state in ("active", "loading")):
+            return None
         # "loading" from the moment of the declaration: a reader must never see the new model
         # declared next to the old one's "active" and take the switch for done (or failed)
-        self.declared, self.state = ref, "loading"
-        switch = asyncio.create_task(self._switch(ref))
-        if self.active is None:
-            await switch
+        self.version, self.declared, self.state = version, ref, "loading"
+        return asyncio.create_task(self._switch(ref))
 
     async def _switch(self, ref: str) -> None:
         async with self._switch_lock:  # one swap at a time; a newer declaration wins

@@ -55,4 +55,5 @@ class ServingRegistry:
         return spec_of(self.artifact(ref))
 
     def record_serving(self, state: dict[str, Any]) -> None:
-        self.call("set_serving", state)
+        """Fire and forget: the actor runs one caller's calls in order, and nobody waits on it."""
+        self.handle.set_serving.remote(state)

@@ -21,6 +21,7 @@ from sage_ray.serve.settings import StudioSettings
 DATASET_SUFFIXES = (".json", ".jsonl")
 PREVIEW_RECORDS = 3
 SWITCH_WAIT_S = 600.0
+DIRECT_DECLARE_S = 15.0  # a replica that does not answer by then is not up: the config deploy declares
 ACTIVE = "switched and active"
 PENDING = "switched; takes effect when the LLM service starts"
 
@@ -85,6 +86,7 @@ class StudioService:
         self.llm = llm
         self.app_name = app_name
         self._tokenizers: dict[str, Any] = {}
+        self.deployer = deploy.BackgroundDeployer(settings, app_name)
 
     # ---- models -------------------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:
@@ -104,8 +106,9 @@ class StudioService:
                 pass
         return self.registry.call("get_serving")
 
-    def current_model(self) -> dict[str, Any]:
-        serving = self._serving()
+    def current_model(self, serving: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What is served: from `serving` (an LLM status just received) or asked now."""
+        serving = serving or self._serving()
         if not serving or not serving.get("active"):
             declared = self.registry.call("get_active_model") or self.settings.model
             state = (serving or {}).get("state") or "not serving"
@@ -125,24 +128,47 @@ class StudioService:
             spec_of(artifact)  # the folder and, for an adapter, its base are there
         except Exception as err:
             raise user_error(err) from None
-        name = artifact["name"] if self.registry.call("get_artifact", artifact["name"]) else artifact["path"]
+        name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
         self.registry.call("set_active_model", name)
+        version = time.time_ns()
+        if self.llm is not None and self.settings.llm_replicas == 1:
+            status = self._declare_directly(name, version, wait_s)
+            if status is not None:
+                self.deployer.submit(name, version)  # durable: a restarted replica comes back with it
+                return {"model": self.current_model(self._check_switched(name, status, wait_s)), "message": ACTIVE}
         details = deploy.serve_details()
         running = deploy.deployment_status(details, self.app_name) in ("HEALTHY", "UPDATING")
-        deploy.declare_model(self.settings, self.app_name, name, details)
+        deploy.declare_model(self.settings, self.app_name, name, details, version=version)
         if not running or self.llm is None:
             return {"model": self.current_model(), "message": PENDING}
         self._wait_for(name, wait_s)
         return {"model": self.current_model(), "message": ACTIVE}
 
-    def _wait_for(self, name: str, wait_s: float) -> None:
+    def _declare_directly(self, name: str, version: int, wait_s: float) -> dict[str, Any] | None:
+        """The one LLM replica switched by a direct call (a LoRA of the loaded base: a few ms);
+        None when it cannot be reached (not started yet): then only the config deploy declares."""
+        try:
+            return self.llm.declare.remote(name, version).result(timeout_s=DIRECT_DECLARE_S)
+        except Exception:
+            return None
+
+    def _check_switched(self, name: str, status: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        """The LLM status once `name` is active (waiting while it loads); 422 if it failed."""
+        if status.get("state") == "loading":
+            return self._wait_for(name, wait_s)
+        active = status.get("active") or {}
+        if active.get("name") != name and active.get("path") != name:
+            raise ServiceError(422, status.get("error") or f"{name!r} did not load", {"serving": status})
+        return status
+
+    def _wait_for(self, name: str, wait_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             status = self._serving() or {}
             if status.get("declared") == name and status.get("state") != "loading":
                 active = status.get("active") or {}
                 if active.get("name") == name or active.get("path") == name:
-                    return
+                    return status
                 raise ServiceError(422, status.get("error") or f"{name!r} did not load", {"serving": status})
             time.sleep(0.05)
         raise ServiceError(504, f"{name!r} is still loading after {wait_s:.0f} s; "

@@ -131,6 +131,12 @@ def test_adapter_switch_keeps_the_base_loaded(studio):
     assert before["state"] == "active"
 
 
+def _declared_in_config(details: dict) -> str | None:
+    config = details["applications"][APP].get("deployed_app_config") or {}
+    llm = next(d for d in config["deployments"] if d["name"] == "LLMServer")
+    return llm["user_config"]["model"]
+
+
 def _llm_details() -> dict:
     from ray import serve
 
@@ -226,8 +232,14 @@ def test_studio_routes_and_their_errors(studio, chat_data):
 def test_killed_replica_comes_back_with_the_declared_model(studio, ray_cluster):
     from ray.util.state import list_actors
 
+    from sage_ray.serve.deploy import serve_details
+
     client = studio["client"]
     assert switch(client, "adapter-b").status_code == 200
+    deadline = time.monotonic() + 60  # the switch is in force at once; its config deploy follows it
+    while _declared_in_config(serve_details()) != "adapter-b":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     pid = [a for a in list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
            if "LLMServer" in (a.class_name or "") or "LLMServer" in (a.name or "")][0].pid
     os.kill(pid, 9)
