@@ -2,8 +2,8 @@
 the tiny model and the web UI, and headless Chromium driven by Playwright.
 
 The cluster is this folder's own (pytest conftest scoping keeps tests/integration's fixtures
-out of reach): `ray start --head` on 127.0.0.1 with free ports and its own temp dir, like
-tests/integration/conftest.py, stopped by that temp dir only. RAY_AUTH_MODE, SAGE_HOME and a
+out of reach), started by tests/ray_cluster.py: `ray start --head` on 127.0.0.1 with free ports,
+its own temp dir, stopped by that temp dir only. RAY_AUTH_MODE, SAGE_HOME and a
 PATH starting with this interpreter's folder are set before the cluster starts, so the Ray
 job drivers of the fine-tunes inherit them.
 """
@@ -11,12 +11,11 @@ job drivers of the fine-tunes inherit them.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ray_cluster import free_port, session_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SAGE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -26,12 +25,6 @@ APP = "studio"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: drives the Studio web UI in headless Chromium on a real Ray cluster")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -44,27 +37,10 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="session")
 def e2e_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A local Ray cluster (2 CPUs, dashboard on a free port) joined by this process."""
-    import ray
-
-    from sage_ray.cluster import start_local_cluster, stop_local_cluster
-    from sage_ray.registry import get_registry
-
+    """This folder's own local Ray cluster (tests/ray_cluster.py), joined by this process."""
     home = tmp_path_factory.mktemp("sage_home")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        env.setenv("SAGE_HOME", str(home))
-        env.delenv("RAY_ADDRESS", raising=False)
-        env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        info = start_local_cluster(num_cpus=2, dashboard_port=free_port())
-        try:
-            ray.init(address=info.address, log_to_driver=False)
-            get_registry(home)  # claim the registry name for this session's SAGE_HOME at once
-            yield {"home": home, "info": info}
-        finally:
-            ray.shutdown()
-            stop_local_cluster(info)
-            shutil.rmtree(info.temp_dir, ignore_errors=True)
+    with session_cluster(home) as info:
+        yield {"home": home, "info": info}
 
 
 @pytest.fixture(scope="session")

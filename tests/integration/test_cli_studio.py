@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sage_ray.cli import app
-from tests.integration.conftest import free_port
+from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.ray
 runner = CliRunner(env={"COLUMNS": "400"})  # rich wraps at the terminal width

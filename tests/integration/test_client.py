@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sage_ray.client import CurrentModel, Job, Model, StudioClient, StudioError, StudioUnavailableError, Upload
-from tests.integration.conftest import free_port
+from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.ray
 ADAPTER = "client-adapter"

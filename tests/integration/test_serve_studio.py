@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.ray
 APP = "studio"
