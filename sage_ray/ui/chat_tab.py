@@ -16,7 +16,8 @@ import gradio as gr
 from sage_ray.ui import format as fmt
 
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_TEMPERATURE = 0.7
+# Low by default: the small models this runs on by default wander at higher temperatures
+DEFAULT_TEMPERATURE = 0.3
 ERROR_MARK = "⚠ "
 _DONE = object()
 
