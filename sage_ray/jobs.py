@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from sage_ray import cluster
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
+from sage_ray.placement import TRAIN_RESOURCES_ENV
 from sage_ray.registry.queue import LIMIT_ENV, concurrency_limit
 from sage_ray.registry.store import TERMINAL
 from sage_ray.registry.taskfiles import task_paths
@@ -28,7 +29,7 @@ from sage_ray.registry.taskfiles import task_paths
 log = logging.getLogger(__name__)
 ACTIVE = ("queued", "preparing", "training", "merging")
 RESUMABLE = ("failed", "cancelled")
-FORWARDED_ENV = ("SAGE_HOME", LIMIT_ENV)  # the submitter's settings the job must share
+FORWARDED_ENV = ("SAGE_HOME", LIMIT_ENV, TRAIN_RESOURCES_ENV)  # the submitter's settings the job must share
 _GONE = "gone"
 AGENT_WAIT_S = 60.0
 

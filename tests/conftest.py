@@ -1,10 +1,30 @@
-"""Fixtures shared by every test folder: an isolated $SAGE_HOME and the tiny model."""
+"""Fixtures shared by every test folder: an isolated $SAGE_HOME, the tiny model, and the
+session's one local Ray cluster (started on first use by an integration or e2e test)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ray_cluster import session_cluster
+
+
+@dataclass
+class RayCluster:
+    address: str
+    dashboard_url: str
+    sage_home: Path
+    temp_dir: str  # every process of this cluster names it on its command line
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The session's own local Ray cluster (tests/ray_cluster.py), one for every folder."""
+    home = tmp_path_factory.mktemp("sage_home")
+    with session_cluster(home) as info:
+        yield RayCluster(info.address, info.dashboard_url, home, info.temp_dir)
 
 
 def pytest_configure(config):

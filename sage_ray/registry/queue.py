@@ -5,7 +5,9 @@ Every job's driver asks the registry actor for a slot before it asks Ray for tra
 a time, so "check the queue, check the free resources, mark the job preparing" is atomic: two
 drivers never both take the last free CPUs. A slot is granted to the oldest live waiting job
 when fewer than the limit of jobs run (SAGE_MAX_CONCURRENT_JOBS) and the cluster has the
-CPUs/GPUs its workers need, net of what jobs granted a moment ago have not placed yet.
+CPUs/GPUs its workers need, net of what jobs granted a moment ago have not placed yet. When
+the chat model holds a GPU under a gpu_policy (sage_ray.placement), a job that could only run
+on that GPU waits ("wait") or is granted with the GPU to borrow ("release").
 
 Drivers ask about once a second while they wait. A queued job whose driver stopped asking (it
 died, or the cluster restarted under it) stops holding up the jobs behind it after a grace
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
+from sage_ray.placement import gpu_conflict, per_worker
 from sage_ray.registry.store import RUNNING, RegistryStore
 
 WAITING = "waiting for resources"
@@ -43,14 +46,13 @@ def concurrency_limit(environ: dict[str, str] | None = None) -> int | None:
     return limit
 
 
-def worker_demand(config: dict[str, Any] | None) -> dict[str, float]:
-    """What a job's training workers ask Ray for, from its resolved config."""
+def worker_demand(config: dict[str, Any] | None, extra: dict[str, float] | None = None) -> dict[str, float]:
+    """What a job's training workers ask Ray for, from its resolved config and the resources each
+    worker adds (SAGE_TRAIN_RESOURCES, see sage_ray.placement)."""
     config = config or {}
     workers = int(config.get("num_workers") or 1)
-    demand = {"CPU": float(config.get("cpus_per_worker") or 1) * workers}
-    if config.get("use_gpu"):
-        demand["GPU"] = float(workers)
-    return demand
+    one = per_worker(float(config.get("cpus_per_worker") or 1), bool(config.get("use_gpu")), extra)
+    return {name: amount * workers for name, amount in one.items() if amount > 0}
 
 
 def _amount(value: float) -> str:
@@ -61,12 +63,15 @@ def _amount(value: float) -> str:
 class Decision:
     granted: bool
     detail: str | None = None
+    borrow: dict[str, Any] | None = None  # the chat model's hold, when the job starts on its GPU
 
 
 def decide(need: dict[str, float], *, ahead: int, running: int, limit: int | None,
-           available: dict[str, float], claimed: dict[str, float], total: dict[str, float]) -> Decision:
+           available: dict[str, float], claimed: dict[str, float], total: dict[str, float],
+           hold: dict[str, Any] | None = None, per_node: dict[str, dict[str, float]] | None = None) -> Decision:
     """May a job needing `need` start now? `ahead`: live jobs queued before it; `claimed`: what
-    granted jobs will take but Ray does not show as used yet."""
+    granted jobs will take but Ray does not show as used yet; `hold`: what the chat model holds
+    and its gpu_policy; `per_node`: free resources by node id."""
     for resource, amount in need.items():
         if amount > total.get(resource, 0.0) + EPSILON:
             return Decision(False, f"{WAITING}: needs {_amount(amount)} {resource}, the cluster has "
@@ -76,13 +81,16 @@ def decide(need: dict[str, float], *, ahead: int, running: int, limit: int | Non
         return Decision(False, f"{WAITING}: {ahead} job(s) ahead in the queue")
     if limit is not None and running >= limit:
         return Decision(False, f"{WAITING}: {running} of {limit} concurrent jobs running ({LIMIT_ENV})")
+    action, why = gpu_conflict(need, hold, per_node or {})
+    if action == "wait":
+        return Decision(False, why)
     short = [f"needs {_amount(amount)} {resource}, "
              f"{_amount(max(0.0, available.get(resource, 0.0) - claimed.get(resource, 0.0)))} free"
              for resource, amount in need.items()
              if amount > available.get(resource, 0.0) - claimed.get(resource, 0.0) + EPSILON]
     if short:
         return Decision(False, f"{WAITING}: {'; '.join(short)}")
-    return Decision(True)
+    return Decision(True, why, hold) if action == "borrow" else Decision(True)
 
 
 def _epoch(iso: str | None) -> float:
@@ -95,9 +103,14 @@ class SlotQueue:
     This memory is lost when the actor restarts; live drivers re-announce themselves within a
     second, and until then every queued job counts as live (the grace period)."""
 
-    def __init__(self, cluster_state: Callable[[], tuple[dict, dict, set[str]]]):
-        # cluster_state() -> (available resources, total resources, hex ids of live drivers)
+    def __init__(self, cluster_state: Callable[[], tuple[dict, dict, set[str]]],
+                 node_state: Callable[[], dict[str, dict]] | None = None,
+                 actor_alive: Callable[[str], bool] | None = None):
+        # cluster_state() -> (available resources, total resources, hex ids of live drivers);
+        # node_state() -> free resources by node id; actor_alive(hex id) -> is that actor alive
         self.cluster_state = cluster_state
+        self.node_state = node_state or ray_node_state
+        self.actor_alive = actor_alive or ray_actor_alive
         self.started = time.time()
         self.last_asked: dict[str, float] = {}
         self.drivers: dict[str, str] = {}
@@ -133,15 +146,24 @@ class SlotQueue:
             if other["status"] == "preparing":  # granted, workers maybe not placed yet
                 for resource, amount in worker_demand(other.get("config")).items():
                     claimed[resource] = claimed.get(resource, 0.0) + amount
+        hold = self._chat_hold(store)
         decision = decide(need, ahead=ahead, running=len(running), limit=limit, available=available,
-                          claimed=claimed, total=total)
+                          claimed=claimed, total=total, hold=hold, per_node=self.node_state() if hold else None)
         if decision.granted:
-            store.update_job(task_id, status="preparing", only_if=("queued",))
+            store.update_job(task_id, status="preparing", status_detail=decision.detail, only_if=("queued",))
             self.last_asked.pop(task_id, None)
-            return {"granted": True, "status": "preparing", "detail": None}
+            return {"granted": True, "status": "preparing", "detail": decision.detail, "borrow": decision.borrow}
         if decision.detail != job["status_detail"]:
             store.update_job(task_id, status_detail=decision.detail, only_if=("queued",))
         return {"granted": False, "status": "queued", "detail": decision.detail}
+
+    def _chat_hold(self, store: RegistryStore) -> dict[str, Any] | None:
+        """What the chat model holds under a gpu_policy, from its last serving record; None when
+        there is no policy or the replica that recorded it is gone (a stopped Studio holds nothing)."""
+        hold = (store.get_serving() or {}).get("gpu")
+        if not hold or hold.get("policy") in (None, "none"):
+            return None
+        return hold if self.actor_alive(hold.get("actor_id") or "") else None
 
 
 def ray_cluster_state() -> tuple[dict, dict, set[str]]:
@@ -151,3 +173,23 @@ def ray_cluster_state() -> tuple[dict, dict, set[str]]:
 
     live = {job["JobID"] for job in state.jobs() if not job.get("IsDead")}
     return ray.available_resources(), ray.cluster_resources(), live
+
+
+def ray_node_state() -> dict[str, dict]:
+    """Free resources of each live node, by node id (hex)."""
+    from ray._private import state
+
+    return state.available_resources_per_node()
+
+
+def ray_actor_alive(actor_id: str) -> bool:
+    """Whether the actor with this hex id is alive (a replica restarting counts as not alive)."""
+    from ray._private import state
+
+    if not actor_id:
+        return False
+    try:
+        info = state.actors(actor_id=actor_id)
+    except Exception:  # an id from an earlier cluster, unknown to this GCS
+        return False
+    return bool(info) and info.get("State") == "ALIVE"

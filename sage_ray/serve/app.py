@@ -13,6 +13,7 @@ from sage_ray.serve.settings import StudioSettings
 
 def build_app(args: dict[str, Any] | None = None):
     """The Studio app for `settings` given as a dict (a Serve config's `args`); unset = defaults/env."""
+    from sage_ray.placement import llm_actor_options
     from sage_ray.serve.ingress import StudioIngress
     from sage_ray.serve.llm_server import LLMServer
 
@@ -20,6 +21,6 @@ def build_app(args: dict[str, Any] | None = None):
     values = settings.model_dump(mode="json")
     llm = LLMServer.options(
         num_replicas=settings.llm_replicas, user_config=settings.llm_user_config(),
-        ray_actor_options={"num_cpus": settings.llm_num_cpus, "num_gpus": settings.llm_num_gpus},
+        ray_actor_options=llm_actor_options(settings.llm_num_cpus, settings.llm_num_gpus, settings.llm_resources),
     ).bind(values)
     return StudioIngress.bind(values, llm)

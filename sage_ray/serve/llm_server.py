@@ -96,6 +96,8 @@ class LLMServer:
             if ref != self.declared:
                 return
             if self._unloaded_for_lending:  # the GPU is lent: reclaim_gpu loads the declared model
+                self.state, self.error = "lent", (f"the GPU is lent to fine-tune {', '.join(sorted(self.lent_to))}; "
+                                                  f"{ref!r} loads when that job ends")
                 await asyncio.to_thread(self.registry.record_serving, self.status_dict())
                 return
             self.state, started, previous = "loading", time.monotonic(), self.active

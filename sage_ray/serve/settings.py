@@ -44,8 +44,8 @@ class StudioSettings(BaseModel):
     llm_num_cpus: float = Field(0, ge=0, description="CPUs Ray reserves for the LLM replica. 0 on a laptop so that "
                                                      "fine-tunes get every core; the engine still uses them all.")
     llm_threads: int | None = Field(None, ge=1, description="CPU threads of the transformers engine; default: "
-                                                          "every core of the node when llm_num_cpus is 0, else "
-                                                          "llm_num_cpus (Ray would give a 0-CPU actor one thread).")
+                                                          "half the node's cores when llm_num_cpus is 0 (the rest "
+                                                          "stay with fine-tunes), else llm_num_cpus.")
     llm_num_gpus: float = Field(0, ge=0, description="GPUs for the LLM replica (1 for vLLM on a GPU node).")
     llm_replicas: int = Field(1, ge=1, description="LLM replicas; a switch reconfigures each in place.")
     api_key: str | None = Field(None, description="When set, every request needs `Authorization: Bearer <key>` "
@@ -96,3 +96,26 @@ class StudioSettings(BaseModel):
     def roots(self) -> list[Path]:
         """Folders a model path may come from: SAGE_HOME and the configured extra roots."""
         return [Path(self.sage_home), *(Path(r).expanduser().absolute() for r in self.allowed_roots)]
+
+    # ---- placement (see sage_ray.placement) ------------------------------------------------
+    llm_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each LLM replica asks for, to pin it to a node "
+                                          "group: {'sage_serve': 1} puts it on the serving nodes of cluster.yaml.")
+    gpu_policy: Literal["none", "wait", "release"] = Field(
+        "none", description="When a fine-tune needs the GPU the chat model holds: 'none' lets Ray's accounting "
+                            "decide, 'wait' keeps the job queued until the chat model lets go, 'release' makes the "
+                            "chat model leave the GPU for the job's duration and take it back after.")
+
+    @field_validator("llm_resources", mode="before")
+    @classmethod
+    def _resources(cls, value: Any) -> dict[str, float]:
+        from sage_ray.placement import parse_resources
+
+        return parse_resources(value, "llm_resources")
+
+    @model_validator(mode="after")
+    def _policy_has_a_gpu(self) -> "StudioSettings":
+        if self.gpu_policy != "none" and self.llm_num_gpus <= 0 and not any(self.llm_resources.values()):
+            raise ValueError(f"gpu_policy {self.gpu_policy!r} needs the LLM replica to hold what fine-tunes "
+                             "contend for: set llm_num_gpus (e.g. 0.5) or llm_resources, or use gpu_policy 'none'")
+        return self

@@ -1,4 +1,4 @@
-"""What device a training worker will get, probed with the workers' own resource request."""
+"""The device a training worker gets (probed by the trainer with the workers' own resource request)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,6 @@ def local_device(use_gpu: bool) -> DeviceInfo:
 
     memory = psutil.virtual_memory()
     return DeviceInfo("cpu", "CPU", memory.total, memory.available, False)
-
-
-def probe_device(use_gpu: bool) -> DeviceInfo:
-    """Run `local_device` in a Ray task that asks for what one worker asks for."""
-    import ray
-
-    task = ray.remote(local_device).options(num_gpus=1 if use_gpu else 0, num_cpus=0)
-    return ray.get(task.remote(use_gpu))
 
 
 def cluster_has_gpu() -> bool:

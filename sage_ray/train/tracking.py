@@ -78,8 +78,9 @@ class JobTracker:
             raise Cancelled(f"job {self.task_id} was cancelled before it started")
         self._call("update_job", self.task_id, status="queued", error=None, **fields)
 
-    def wait_for_slot(self, need: dict[str, float], limit: int | None, poll_s: float = 1.0) -> None:
-        """Wait in the cluster's queue until the registry grants this job a slot (see registry.queue)."""
+    def wait_for_slot(self, need: dict[str, float], limit: int | None, poll_s: float = 1.0) -> dict[str, Any]:
+        """Wait in the cluster's queue until the registry grants this job a slot (see registry.queue);
+        returns the grant (its "borrow" names a GPU lent by the chat model)."""
         import ray
 
         from sage_ray.train.callbacks import write_log
@@ -89,7 +90,7 @@ class JobTracker:
         while True:
             answer = self._call("acquire_slot", self.task_id, need, limit, driver)
             if answer["granted"]:
-                return
+                return answer
             if answer["status"] != "queued":
                 raise Cancelled(f"job {self.task_id} is {answer['status']}; not starting it")
             if answer["detail"] != said:

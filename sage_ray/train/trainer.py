@@ -19,10 +19,11 @@ from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.data import load_dataset
 from sage_ray.models import resolve_model
 from sage_ray.paths import TaskPaths, sage_home
-from sage_ray.presets import GiB, apply_preset, check_fits, read_model_config
+from sage_ray.placement import borrow_gpu, per_worker, return_gpu, train_resources
+from sage_ray.presets import DeviceInfo, GiB, apply_preset, check_fits, read_model_config
 from sage_ray.registry.queue import concurrency_limit, worker_demand
 from sage_ray.train.callbacks import write_log
-from sage_ray.train.device import cluster_has_gpu, probe_device
+from sage_ray.train.device import cluster_has_gpu, local_device
 from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
 from sage_ray.train.tracking import JobTracker
@@ -75,15 +76,39 @@ def name_task(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths]:
 def worker_resources(cfg: TrainConfig) -> TrainConfig:
     """Pick GPU or CPU and the CPUs per worker: what the job asks the queue and Ray for."""
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpu()
-    cpus = cfg.cpus_per_worker or (1 if use_gpu else max(1, cluster.cluster_cpus() // cfg.num_workers))
+    cpus = cfg.cpus_per_worker or (1 if use_gpu else max(1, group_cpus(train_resources()) // cfg.num_workers))
     return cfg.model_copy(update={"use_gpu": use_gpu, "cpus_per_worker": cpus})
 
 
+def group_cpus(resources: dict[str, float]) -> int:
+    """CPUs of the nodes training may use: those offering every resource in `resources` (the
+    training node group), or the whole cluster when no group is set."""
+    custom = [name for name in resources if name != "GPU"]
+    if not custom:
+        return cluster.cluster_cpus()
+    from ray._private import state
+
+    nodes = state.total_resources_per_node().values()
+    return int(sum(node.get("CPU", 0) for node in nodes if all(node.get(name, 0) > 0 for name in custom))) or 1
+
+
+def probe_device(cfg: TrainConfig) -> DeviceInfo:
+    """The device a worker will get, from a Ray task asking for what one worker asks for (so it
+    runs on the training node group, on a GPU share like the workers')."""
+    import ray
+
+    resources = per_worker(0, bool(cfg.use_gpu), train_resources())
+    gpus = resources.pop("GPU", 0)
+    resources.pop("CPU")
+    task = ray.remote(local_device).options(num_cpus=0, num_gpus=gpus, resources=resources or None)
+    return ray.get(task.remote(bool(cfg.use_gpu)))
+
+
 def resolve_resources(cfg: TrainConfig, model_dir: Path):
-    """Fill the preset for the device a worker gets, and check memory (after the slot is granted:
-    the probe asks Ray for what one worker asks for)."""
+    """Fill the preset for the device a worker gets, and check memory (after the slot is granted,
+    and after a borrowed GPU was released: the probe then sees its memory free)."""
     cfg = worker_resources(cfg)
-    device = probe_device(bool(cfg.use_gpu))
+    device = probe_device(cfg)
     resolved = apply_preset(cfg, device)
     estimate = check_fits(read_model_config(model_dir), resolved, device)
     return resolved, device, estimate
@@ -96,7 +121,7 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
 
     from sage_ray.train.loop import train_loop_per_worker
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = per_worker(cfg.cpus_per_worker, bool(cfg.use_gpu), train_resources())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
@@ -140,7 +165,23 @@ def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneRes
     model_dir = resolve_model(cfg.model)
     cfg = worker_resources(cfg)
     tracker.update(config=cfg.model_dump(mode="json"))  # the queue reads the job's demand from it
-    tracker.wait_for_slot(worker_demand(cfg.model_dump()), concurrency_limit())
+    slot = tracker.wait_for_slot(worker_demand(cfg.model_dump(), train_resources()), concurrency_limit())
+    borrowed = (slot or {}).get("borrow")
+    if borrowed:  # granted on the chat model's GPU (gpu_policy "release"): it leaves the GPU first
+        write_log(paths.train_log, f"borrowing the GPU of the chat model (app {borrowed['app']!r})")
+        borrow_gpu(borrowed, cfg.name)
+    try:
+        return _train(cfg, paths, tracker, model_dir)
+    finally:
+        if borrowed:
+            try:
+                return_gpu(borrowed, cfg.name)
+            except Exception as err:  # the replica takes it back by itself once this job has ended
+                write_log(paths.train_log, f"could not hand the GPU back to the chat model now ({err}); "
+                                           "it reclaims it at its next health check")
+
+
+def _train(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker, model_dir: Path) -> FinetuneResult:
     cfg, device, estimate = resolve_resources(cfg, model_dir)
     paths.dir.mkdir(parents=True, exist_ok=True)
     started_at = now_iso()

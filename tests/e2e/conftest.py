@@ -1,11 +1,9 @@
 """End-to-end browser tests: a real local Ray cluster, the Studio config-deployed on it with
 the tiny model and the web UI, and headless Chromium driven by Playwright.
 
-The cluster is this folder's own (pytest conftest scoping keeps tests/integration's fixtures
-out of reach), started by tests/ray_cluster.py: `ray start --head` on 127.0.0.1 with free ports,
-its own temp dir, stopped by that temp dir only. RAY_AUTH_MODE, SAGE_HOME and a
-PATH starting with this interpreter's folder are set before the cluster starts, so the Ray
-job drivers of the fine-tunes inherit them.
+The cluster is the test session's one (`ray_cluster` in tests/conftest.py); the Studio and
+the browser live for this module only, so the sync Playwright loop is gone before any later
+test runs asyncio.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_cluster import free_port, session_cluster
+from tests.ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SAGE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -35,15 +33,7 @@ def artifacts() -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def e2e_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """This folder's own local Ray cluster (tests/ray_cluster.py), joined by this process."""
-    home = tmp_path_factory.mktemp("sage_home")
-    with session_cluster(home) as info:
-        yield {"home": home, "info": info}
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def studio_url(request) -> str:
     """The Studio under test: $SAGE_TEST_STUDIO_URL (one already running with model "tiny",
     for working on the tests), else a fresh one on this session's own cluster."""
@@ -52,8 +42,8 @@ def studio_url(request) -> str:
     return request.getfixturevalue("deployed_studio")
 
 
-@pytest.fixture(scope="session")
-def deployed_studio(e2e_cluster) -> str:
+@pytest.fixture(scope="module")
+def deployed_studio(ray_cluster):
     """The Studio (tiny model, transformers engine, web UI) config-deployed on the cluster."""
     from ray import serve
 
@@ -62,13 +52,13 @@ def deployed_studio(e2e_cluster) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = StudioSettings(sage_home=str(e2e_cluster["home"]), model="tiny", engine="hf", ui=True)
+    settings = StudioSettings(sage_home=str(ray_cluster.sage_home), model="tiny", engine="hf", ui=True)
     deploy_studio(settings, port=port, app_name=APP, timeout_s=300)
-    # no serve.shutdown() after: the whole cluster stops with the session (e2e_cluster)
-    return f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()  # the cluster is the session's: leave it without a Studio for the next module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Headless Debian Chromium; a missing browser fails the test and says how to install it."""
     if not Path(CHROMIUM).exists():
