@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 from urllib.parse import urlparse
 
 import typer
@@ -111,6 +111,12 @@ def run_chat(backend: str, finetune_model: str | None, model: str | None, base_u
 
 URL_HELP = "Server URL: the Studio (default: SAGE_STUDIO_URL, else http://127.0.0.1:8000) or an OpenAI-compatible /v1."
 KEY_HELP = "API key sent as a bearer token (default: SAGE_STUDIO_API_KEY; OPENAI_API_KEY for --backend openai)."
+# The options both chat commands take, declared once
+BaseUrl = Annotated[Optional[str], typer.Option(envvar="SAGE_STUDIO_URL", help=URL_HELP)]
+ApiKey = Annotated[Optional[str], typer.Option(help=KEY_HELP)]
+System = Annotated[Optional[str], typer.Option(help="A system prompt that opens the conversation.")]
+MaxTokens = Annotated[int, typer.Option(help="Longest reply, in tokens.")]
+Temperature = Annotated[Optional[float], typer.Option(help="Sampling temperature (default: the server's).")]
 
 
 def chat(
@@ -120,11 +126,8 @@ def chat(
     finetune_model: Optional[str] = typer.Option(None, envvar="SAGE_CHAT_FINETUNE_MODEL",
                                                  help="Fine-tune to chat with (a registry name or task id)."),
     model: Optional[str] = typer.Option(None, help="Model name sent with each request (default: the active one)."),
-    base_url: Optional[str] = typer.Option(None, envvar="SAGE_STUDIO_URL", help=URL_HELP),
-    api_key: Optional[str] = typer.Option(None, help=KEY_HELP),
-    system: Optional[str] = typer.Option(None, help="A system prompt that opens the conversation."),
-    max_tokens: int = typer.Option(512, help="Longest reply, in tokens."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: the server's)."),
+    base_url: BaseUrl = None, api_key: ApiKey = None, system: System = None, max_tokens: MaxTokens = 512,
+    temperature: Temperature = None,
 ) -> None:
     """Chat in the terminal with streaming replies; one prompt per line (piped input works).
     /reset forgets the conversation, /exit quits."""
@@ -133,11 +136,8 @@ def chat(
 
 def finetune_chat(
     task_id: str = typer.Argument(..., help="Task id (or registry name) of a completed fine-tune."),
-    base_url: Optional[str] = typer.Option(None, envvar="SAGE_STUDIO_URL", help=URL_HELP),
-    api_key: Optional[str] = typer.Option(None, help=KEY_HELP),
-    system: Optional[str] = typer.Option(None, help="A system prompt that opens the conversation."),
-    max_tokens: int = typer.Option(512, help="Longest reply, in tokens."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: the server's)."),
+    base_url: BaseUrl = None, api_key: ApiKey = None, system: System = None, max_tokens: MaxTokens = 512,
+    temperature: Temperature = None,
 ) -> None:
     """Chat with a fine-tune's model through the Studio (started with that model if none runs)."""
     run_chat("finetune", task_id, None, base_url, api_key, system, max_tokens, temperature)
