@@ -195,6 +195,24 @@ def start(
         webbrowser.open(f"{url}/")
 
 
+def _settle_switch(details: dict[str, Any], timeout_s: float = 15) -> None:
+    """Let a just-made switch's config deploy land first (it follows the switch in the
+    background): a deploy arriving after the delete would bring the app back."""
+    import time
+
+    from sage_ray.serve.deploy import serve_details
+
+    deadline = time.monotonic() + timeout_s
+    declared = _declared_now(details)
+    while declared and time.monotonic() < deadline:
+        config = (details.get("applications", {}).get(APP_NAME) or {}).get("deployed_app_config") or {}
+        llm = next((d for d in config.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), {})
+        if (llm.get("user_config") or {}).get("model") == declared:
+            return
+        time.sleep(0.3)
+        details = serve_details()
+
+
 def _delete_app(details: dict[str, Any], *, keep_serve: bool) -> bool:
     """Delete the Studio app (True if there was one); shut Serve down when no other app uses it,
     which frees its port (Serve never lets go of a port while it runs)."""
@@ -202,6 +220,7 @@ def _delete_app(details: dict[str, Any], *, keep_serve: bool) -> bool:
 
     apps = details.get("applications") or {}
     if APP_NAME in apps:
+        _settle_switch(details)
         serve.delete(APP_NAME)
     if not keep_serve and details.get("controller_info") and not set(apps) - {APP_NAME}:
         serve.shutdown()
@@ -252,7 +271,9 @@ def restart(
     config = app_["deployed_app_config"]
     llm = next((d for d in config.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), {})
     settings = StudioSettings(**config.get("args", {}))
-    model = (llm.get("user_config") or {}).get("model") or settings.model  # keeps a switched-to model
+    # keeps a switched-to model: the replica's own declaration is the freshest (the config
+    # deploy that records a switch follows the switch in the background)
+    model = _declared_now(details) or (llm.get("user_config") or {}).get("model") or settings.model
     if use_finetuned:
         models = finetuned_models()
         if not models:
@@ -264,6 +285,22 @@ def restart(
     url = deploy(settings, host=http.get("host", "127.0.0.1"), port=int(http.get("port", DEFAULT_PORT)))
     console.print(f"[green]restarted the Studio[/] with model {model}")
     print(url)
+
+
+def _studio_url(details: dict[str, Any]) -> str:
+    http = details.get("http_options") or {}
+    return f"http://{http.get('host', '127.0.0.1').replace('0.0.0.0', '127.0.0.1')}:{http.get('port', DEFAULT_PORT)}"
+
+
+def _declared_now(details: dict[str, Any]) -> str | None:
+    """The model the running LLM replica has declared, or None when it cannot say."""
+    from sage_ray.client import StudioClient, StudioError
+
+    try:
+        with StudioClient(_studio_url(details), timeout=15) as client:
+            return client.models.current().declared
+    except StudioError:
+        return None
 
 
 def _replicas(deployment: dict[str, Any]) -> str:
@@ -289,8 +326,7 @@ def status(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> No
     if app_ is None:
         print("studio: not running (start it with `sage studio start`)")
         raise typer.Exit(NOT_RUNNING)
-    http = details.get("http_options") or {}
-    url = f"http://{http.get('host', '127.0.0.1').replace('0.0.0.0', '127.0.0.1')}:{http.get('port', DEFAULT_PORT)}"
+    url = _studio_url(details)
     print(f"studio: {app_.get('status')} at {url}" + (f" ({app_['message']})" if app_.get("message") else ""))
     for name, deployment in sorted((app_.get("deployments") or {}).items()):
         print(f"  {name}: {deployment.get('status')}, {_replicas(deployment)}")

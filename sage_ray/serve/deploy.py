@@ -64,6 +64,8 @@ def declare_model(settings: StudioSettings, app_name: str, ref: str, details: di
     happens in place), False when this deploy takes the app over."""
     client = _client()
     details = details or client.get_serve_details()
+    if app_name not in details.get("applications", {}):
+        return False  # deleted meanwhile (`sage studio stop`): a declaration must not bring it back
     mine = app_config(details, app_name, settings)
     previous = next((d.get("user_config") for d in mine.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), None)
     user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref, "version": version}

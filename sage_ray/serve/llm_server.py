@@ -221,7 +221,7 @@ class LLMServer:
         return {"declared": self.declared, "state": self.state, "error": self.error, "swaps": self.swaps,
                 "active": None if active is None else {"name": active.name, "kind": active.kind,
                                                        "path": active.path, "base_path": active.base_path},
-                "loaded_bases": list(self.engines), "engine": self.engine_kind,
+                "loaded_bases": list(self.engines), "engine": self.engine_kind, "pid": os.getpid(),
                 "stats": {base: engine.stats() for base, engine in self.engines.items()},
                 "node_id": _runtime().get_node_id(), "gpu": self._gpu_hold()}
 

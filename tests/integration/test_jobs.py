@@ -49,17 +49,21 @@ def snapshot_step(ray_cluster, task_id: str) -> int | None:
     return latest["metrics"]["step"] if latest else None
 
 
-def cluster_commands(ray_cluster) -> list[str]:
-    """The command lines of the session cluster's raylet (named by its temp dir) and descendants."""
+def cluster_commands(ray_cluster) -> dict[int, str]:
+    """pid -> command line of the session cluster's raylet (named by its temp dir) and descendants."""
     roots = [p for p in psutil.process_iter(["cmdline"])
              if "raylet" in " ".join(p.info["cmdline"] or ()) and ray_cluster.temp_dir in " ".join(p.info["cmdline"])]
-    commands = []
+    commands = {}
     for proc in [proc for root in roots for proc in (root, *root.children(recursive=True))]:
         try:
-            commands.append(" ".join(proc.cmdline()))
+            commands[proc.pid] = " ".join(proc.cmdline())
         except psutil.NoSuchProcess:
             pass
     return commands
+
+
+def training_pids(ray_cluster) -> set[int]:
+    return {pid for pid, c in cluster_commands(ray_cluster).items() if "RayTrainWorker" in c or "TrainController" in c}
 
 
 def test_submit_refuses_bad_input_before_anything_runs(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
@@ -134,6 +138,7 @@ def test_queue_limit_registry_kill_and_logs(ray_cluster, tiny_model_dir, chat_da
 
 
 def test_cancel_then_resume_from_the_last_checkpoint(ray_cluster, tiny_model_dir, chat_data):
+    earlier = training_pids(ray_cluster)  # other tests' runs are not this job's to clean up
     task_id = jobs.submit(tiny("cancel-resume", tiny_model_dir, chat_data, max_steps=30, save_steps=4))
     watch([task_id], lambda j: (snapshot_step(ray_cluster, task_id) or 0) >= 4 and j[task_id]["step"] >= 6)
     with pytest.raises(jobs.JobStateError, match="cancel it first"):
@@ -148,8 +153,8 @@ def test_cancel_then_resume_from_the_last_checkpoint(ray_cluster, tiny_model_dir
     assert not jobs._live_actors(ray_job.job_id)
     while True:  # the job's processes exit as their actors die: all gone within the 10 s of a cancel
         commands = cluster_commands(ray_cluster)
-        assert any("raylet" in command for command in commands)  # the check below looks at the right tree
-        leftovers = [c for c in commands if any(word in c for word in ("RayTrainWorker", "TrainController", task_id))]
+        assert any("raylet" in command for command in commands.values())  # the check looks at the right tree
+        leftovers = [c for pid, c in commands.items() if task_id in c or pid in training_pids(ray_cluster) - earlier]
         if not leftovers or time.monotonic() - started > 10:
             break
         time.sleep(0.2)

@@ -46,12 +46,26 @@ def actor_nodes(class_part: str) -> list[str]:
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory: pytest.TempPathFactory):
     import ray
+
+    home = tmp_path_factory.mktemp("sage_home_multinode")
+    temp_dir = tempfile.mkdtemp(prefix="srmn_", dir="/tmp")  # short: socket paths are length-limited
+    # this process may be joined to the session's cluster (tests/conftest.py): leave it for the
+    # module and join it again after, for the tests that follow
+    session = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    ray.shutdown()
+    try:
+        yield from _multinode_cluster(home, temp_dir)
+    finally:
+        if session:
+            ray.init(address=session, log_to_driver=False)
+
+
+def _multinode_cluster(home, temp_dir):
+    import ray
     from ray.cluster_utils import Cluster
 
     from sage_ray.registry import get_registry
 
-    home = tmp_path_factory.mktemp("sage_home_multinode")
-    temp_dir = tempfile.mkdtemp(prefix="srmn_", dir="/tmp")  # short: socket paths are length-limited
     with pytest.MonkeyPatch.context() as env:
         # cluster_utils records its address where `ray.init("auto")` and `sage studio start` look
         # for the machine's cluster: this one is private to the test, so it records nothing

@@ -229,9 +229,7 @@ def test_studio_routes_and_their_errors(studio, chat_data):
     assert client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
 
 
-def test_killed_replica_comes_back_with_the_declared_model(studio, ray_cluster):
-    from ray.util.state import list_actors
-
+def test_killed_replica_comes_back_with_the_declared_model(studio):
     from sage_ray.serve.deploy import serve_details
 
     client = studio["client"]
@@ -240,8 +238,7 @@ def test_killed_replica_comes_back_with_the_declared_model(studio, ray_cluster):
     while _declared_in_config(serve_details()) != "adapter-b":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    pid = [a for a in list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
-           if "LLMServer" in (a.class_name or "") or "LLMServer" in (a.name or "")][0].pid
+    pid = _llm_details()["pid"]
     os.kill(pid, 9)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -254,7 +251,7 @@ def test_killed_replica_comes_back_with_the_declared_model(studio, ray_cluster):
             pass
         time.sleep(1)
     assert reply.status_code == 200 and reply.json()["model"] == "adapter-b"
-    assert _llm_details()["active"]["name"] == "adapter-b"
+    assert _llm_details()["active"]["name"] == "adapter-b" and _llm_details()["pid"] != pid
 
 
 def test_api_key_protects_the_api(ray_cluster):
