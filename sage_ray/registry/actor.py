@@ -106,8 +106,9 @@ class RegistryActor:
     def create_job(self, task_id: str, **fields: Any) -> JobRecord:
         return self.store.create_job(task_id, **fields)
 
-    def update_job(self, task_id: str, *, only_if: Collection[str] | None = None, **fields: Any) -> JobRecord | None:
-        return self.store.update_job(task_id, only_if=only_if, **fields)
+    def update_job(self, task_id: str, *, only_if: Collection[str] | None = None, owner: str | None = None,
+                   **fields: Any) -> JobRecord | None:
+        return self.store.update_job(task_id, only_if=only_if, owner=owner, **fields)
 
     def report_progress(self, task_id: str, event: dict[str, Any]) -> bool:
         return self.store.report_progress(task_id, event)

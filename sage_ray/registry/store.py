@@ -254,11 +254,14 @@ class RegistryStore:
                                          "pick another --name or delete the old job") from err
             return self._one(conn, "jobs", "task_id", task_id)
 
-    def update_job(self, task_id: str, *, only_if: Collection[str] | None = None, **fields: Any) -> JobRecord | None:
+    def update_job(self, task_id: str, *, only_if: Collection[str] | None = None, owner: str | None = None,
+                   **fields: Any) -> JobRecord | None:
         """Set job fields. A status change clears status_detail and stamps started_at / finished_at
         unless given; leaving a terminal status (resume) clears finished_at and error. With
         `only_if`, a compare-and-set: nothing changes and None comes back unless the status is one
-        of those (so a cancel and a monitor that sees the job finish cannot both win)."""
+        of those (so a cancel and a monitor that sees the job finish cannot both win). With
+        `owner` (a Ray job submission id), likewise unless the record still belongs to that
+        submission: the late words of a stopped run never touch its resumed successor."""
         _check(fields, JOB_MUTABLE, "job")
         if "status" in fields:
             _check_choice(fields["status"], STATUSES, "status")
@@ -267,6 +270,8 @@ class RegistryStore:
             if current is None:
                 raise NotFoundError(f"no job with task id {task_id!r}; `sage finetune list` shows them")
             if only_if is not None and current["status"] not in only_if:
+                return None
+            if owner is not None and current["ray_job_id"] not in (owner, None):
                 return None
             values = {**_implied_by_status(current, fields.get("status")), **fields}
             if values:

@@ -98,21 +98,25 @@ class JobTracker:
                 write_log(self.log_path, f"queued: {said}")
             time.sleep(poll_s)
 
+    def _update(self, **fields: Any) -> Any:
+        """update_job on this run's own record: once a resume has resubmitted the task, this
+        run (under Ray Jobs: its submission id) no longer owns it, and changes nothing."""
+        return self._call("update_job", self.task_id, owner=ray_submission_id(), **fields)
+
     def status(self, status: str, **fields: Any) -> None:
-        self._call("update_job", self.task_id, status=status, **fields)
+        self._update(status=status, **fields)
 
     def update(self, **fields: Any) -> None:
-        self._call("update_job", self.task_id, **fields)
+        self._update(**fields)
 
     def fail(self, error: BaseException) -> None:
         """Record how the run ended early; a status set meanwhile (a cancel) is kept."""
         if isinstance(error, (Cancelled, KeyboardInterrupt)):
-            self._call("update_job", self.task_id, status="cancelled", status_detail=str(error) or "stopped",
-                       only_if=("queued", "preparing", "training", "merging"))
+            self._update(status="cancelled", status_detail=str(error) or "stopped",
+                         only_if=("queued", "preparing", "training", "merging"))
             return
         message = str(error) or type(error).__name__
-        self._call("update_job", self.task_id, status="failed", error=message,
-                   only_if=("queued", "preparing", "training", "merging"))
+        self._update(status="failed", error=message, only_if=("queued", "preparing", "training", "merging"))
 
     def complete(self, paths: TaskPaths) -> None:
         """Mark the job completed, then register its artifacts (merged and LoRA).
@@ -121,8 +125,7 @@ class JobTracker:
         finished-looking meta file is removed, and no artifact of it is registered."""
         from sage_ray.registry import describe_task
 
-        done = self._call("update_job", self.task_id, status="completed", progress=100.0,
-                          only_if=("preparing", "training", "merging"))
+        done = self._update(status="completed", progress=100.0, only_if=("preparing", "training", "merging"))
         if done is None:
             paths.meta.unlink(missing_ok=True)
             raise Cancelled(f"job {self.task_id} was cancelled before it completed")

@@ -346,3 +346,13 @@ def test_log_chunks_hold_back_a_line_still_being_written(tmp_path: Path):
         f.write("ee\n")
     assert read_chunk(log, offset) == ("three\n", 14)
     assert read_tail(log, 2) == "two\nthree\n" and read_tail(log, None) == "one\ntwo\nthree\n"
+
+
+def test_a_stopped_run_cannot_touch_its_resumed_successor(store: RegistryStore):
+    store.create_job("t", status="training", ray_job_id="t")
+    assert store.update_job("t", owner="t", status="cancelled")["status"] == "cancelled"
+    store.update_job("t", status="queued", ray_job_id="t-resume1")  # the resume takes the record over
+    late = store.update_job("t", owner="t", status="cancelled", only_if=("queued", "training"))
+    assert late is None and store.get_job("t")["status"] == "queued"
+    assert store.update_job("t", owner="t-resume1", status="training")["status"] == "training"
+    assert store.update_job("t", status="failed", error="x")["status"] == "failed"  # no owner: no guard
