@@ -174,13 +174,22 @@ def stop_local_cluster(info: ClusterInfo, timeout_s: float = 5) -> int:
     if not info.temp_dir:
         raise ClusterError("only a cluster sage-ray started (with its own temp dir) can be stopped here; "
                            "stop others with the tool that started them")
-    mine = []
+    named = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(info.temp_dir in part for part in proc.info["cmdline"] or ()):
-                mine.append(proc)
+                named.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    # The raylet's agents retitle themselves (`ray::DashboardAgent`), dropping the temp dir from
+    # their command line: they are found as its children, before it exits and they are orphaned.
+    mine = {proc.pid: proc for proc in named}
+    for proc in named:
+        try:
+            mine.update({child.pid: child for child in proc.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    mine = list(mine.values())
     for proc in mine:
         try:
             proc.terminate()
@@ -189,6 +198,7 @@ def stop_local_cluster(info: ClusterInfo, timeout_s: float = 5) -> int:
     _gone, alive = psutil.wait_procs(mine, timeout=timeout_s)
     for proc in alive:
         proc.kill()
+    psutil.wait_procs(alive, timeout=5)  # gone, not just signalled, when this returns
     state = sage_home() / STATE_FILE
     if state.exists() and json.loads(state.read_text()).get("temp_dir") == info.temp_dir:
         state.unlink()
