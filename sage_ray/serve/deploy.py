@@ -21,19 +21,10 @@ BUILDER = "sage_ray.serve.app:build_app"
 log = logging.getLogger("ray.serve")
 
 
-def dashboard_url() -> str:
-    """The connected cluster's dashboard (where Serve's REST API lives), from any Ray process."""
-    from ray._private.services import get_webui_url_from_internal_kv
-
-    url = get_webui_url_from_internal_kv()
-    if not url:
-        raise RuntimeError("this Ray cluster runs without its dashboard; start it with the dashboard "
-                           "(ray start --head --include-dashboard=true) so the Studio can switch models")
-    return url if url.startswith("http") else f"http://{url}"
-
-
 def _client():
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from sage_ray.cluster import dashboard_url
 
     return ServeSubmissionClient(dashboard_url())
 

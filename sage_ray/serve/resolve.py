@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sage_ray.models import DEMO, TINY, ModelNotFoundError, resolve_model
+from sage_ray.registry.discovery import ADAPTER_CONFIG
 from sage_ray.serve.engines.base import ModelSpec, adapter_base
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelRefError(LookupError):
