@@ -204,7 +204,7 @@ def report(url: str, demo: Path, args) -> None:
     print(f"3. {args.swaps} swaps under 4 streaming clients: {done} requests completed, {failed} failed; "
           f"swap p50 {statistics.median(times):.2f} s")
     rates = {c: throughput(url, c, args.tokens) for c in (1, 4, 8)}
-    print(f"4. generation through HTTP: " + ", ".join(f"concurrency {c}: {r:.1f} tokens/s" for c, r in rates.items())
+    print("4. generation through HTTP: " + ", ".join(f"concurrency {c}: {r:.1f} tokens/s" for c, r in rates.items())
           + f"; 8 vs 1: {rates[8] / rates[1]:.2f}x")
     print(f"5. concurrency 1: HTTP {rates[1]:.1f} tokens/s vs in-process engine {rate_inproc:.1f} tokens/s: "
           f"HTTP overhead {(rate_inproc / rates[1] - 1) * 100:.1f}%")

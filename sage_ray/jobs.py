@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sage_ray import cluster
+from sage_ray import cluster, storage
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.placement import TRAIN_RESOURCES_ENV
 from sage_ray.registry.queue import LIMIT_ENV, concurrency_limit
 from sage_ray.registry.store import TERMINAL
+from sage_ray.registry import taskfiles
 from sage_ray.registry.taskfiles import task_paths
+from sage_ray.train import publish
 
 log = logging.getLogger(__name__)
 ACTIVE = ("queued", "preparing", "training", "merging")
@@ -141,7 +143,7 @@ def submit(cfg: TrainConfig, *, address: str | None = None) -> str:
 
 
 def _start_ray_job(task_id: str, config_path: str, home: str, *, submission_id: str) -> None:
-    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)} | storage.forwarded_env()
     env["SAGE_HOME"] = home  # the registry's home, which the job's records and files belong to
     entrypoint = " ".join(shlex.quote(part) for part in (
         _python(), "-m", "sage_ray.train", config_path, "--name", task_id))
@@ -281,6 +283,7 @@ def delete(task_id: str) -> None:
     if job["status"] not in TERMINAL:
         raise JobStateError(f"job {task_id!r} is {job['status']}; cancel it first: sage finetune cancel {task_id}")
     _call("delete_task", task_id)
+    publish.forget(task_id)  # its shared copy (SAGE_STORAGE), if any
     client = _client()
     for submission_id in _submission_ids(job):
         try:
@@ -309,7 +312,9 @@ def resume(task_id: str) -> str:
     home = _call("info")["sage_home"]
     cfg = TrainConfig.model_validate({**job["config"], "name": task_id})
     config_path = _call("write_config", task_id, dump_train_config(cfg, header=f"sage-ray fine-tune {task_id} (resumed)"))
-    step = _call("checkpoint_step", task_id) or 0
+    shared = storage.task_uri(task_id)  # with SAGE_STORAGE the checkpoints are there, not on the head
+    step = (taskfiles.checkpoint_step_at(storage.join(shared, "checkpoints")) if shared
+            else _call("checkpoint_step", task_id)) or 0
     submission_id = _next_submission_id(job)
     queued = _call("update_job", task_id, status="queued", ray_job_id=None, only_if=RESUMABLE,
                    status_detail=f"resuming from step {step}" if step else "restarting: no checkpoint was saved")

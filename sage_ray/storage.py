@@ -63,6 +63,53 @@ def shared_root() -> str | None:
     return root or None
 
 
+# What configures shared storage: forwarded to Ray jobs, training workers and Serve replicas,
+# which do not inherit the submitting shell's environment. Secrets (AWS_ACCESS_KEY_ID, ...)
+# are not forwarded: a job's environment is readable on the dashboard; give nodes an instance
+# role, or put the keys in a file that AWS_SHARED_CREDENTIALS_FILE names on every node.
+STORAGE_ENV = ("SAGE_STORAGE", "SAGE_S3_ENDPOINT", "SAGE_CACHE_MAX_BYTES", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage settings of this process, for the runtime_env of what runs elsewhere."""
+    return {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
+
+
+def task_uri(task_id: str) -> str | None:
+    """Where a task's checkpoints and models are shared (`<SAGE_STORAGE>/studio_finetune/<id>`,
+    the layout of SAGE_HOME), or None when artifacts stay in SAGE_HOME only."""
+    root = shared_root()
+    return join(root, "studio_finetune", task_id) if root else None
+
+
+def write_json(uri: str | os.PathLike, data: dict[str, Any]) -> None:
+    """One JSON file at `uri` (a URI or a local path)."""
+    fs, path = filesystem(uri)
+    _write_bytes(fs, path, json.dumps(data, indent=2, default=str).encode())
+
+
+def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON file at `uri`, or None when there is none."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+
+
+def delete_tree(uri: str | os.PathLike) -> bool:
+    """Remove everything under `uri`; True if something was there."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """`base` with path parts appended; works for local paths and URIs (query kept)."""
     if not is_uri(base):

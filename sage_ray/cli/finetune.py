@@ -129,8 +129,8 @@ def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-t
     """Merge a task's LoRA adapter into its base model (writes <task>/merged_model/)."""
     from sage_ray.paths import TaskPaths
     from sage_ray.train.callbacks import write_log
-    from sage_ray.train.merge import merge_adapter
-    from sage_ray.train.meta import mark_merged, read_meta
+    from sage_ray.train.meta import read_meta
+    from sage_ray.train.publish import merge_task
 
     try:
         paths = TaskPaths(task_id)
@@ -138,8 +138,7 @@ def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-t
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     with console.status(f"merging {paths.lora} into {meta['base_model_path']}"):
-        merge_adapter(paths.lora, meta["base_model_path"], paths.merged)
-    mark_merged(paths)
+        merge_task(paths, meta["base_model_path"])
     write_log(paths.train_log, f"merged: {paths.merged}")
     console.print(f"[green]merged[/]: {paths.merged}")
 

@@ -76,7 +76,9 @@ class RegistryActor:
             path = Path(artifact["path"])
             if not any(path.is_relative_to(root) for root in roots):
                 continue  # registered by hand elsewhere: not discovery's to judge
-            if path.exists() and name_of.get(artifact["path"], artifact["name"]) == artifact["name"]:
+            # found now (on disk, or only as a shared copy) or still on disk, under this name: kept
+            present = path.exists() or artifact["path"] in name_of
+            if present and name_of.get(artifact["path"], artifact["name"]) == artifact["name"]:
                 continue
             try:
                 self.store.delete_artifact(artifact["name"])

@@ -59,10 +59,13 @@ def describe_task(task_dir: Path) -> list[ArtifactRecord]:
         raise ValueError(f"{META} is not a JSON object")
     merged = _model_dir(task_dir / "merged_model", meta.get("merged_path"), "config.json")
     adapter = _model_dir(task_dir / "lora", meta.get("lora_path"), ADAPTER_CONFIG)
+    # trained on another node with SAGE_STORAGE: the models are registered by their shared copy
+    merged = merged or (task_dir / "merged_model" if meta.get("merged_uri") else None)
+    adapter = adapter or (task_dir / "lora" if meta.get("lora_uri") else None)
     if merged is None and adapter is None:
         raise ValueError(f"{META} is there but neither lora/ (with {ADAPTER_CONFIG}) nor merged_model/ "
-                         "(with config.json) is complete")
-    adapter_config = _read_json(adapter / ADAPTER_CONFIG) if adapter else {}
+                         "(with config.json) is complete, and no shared copy is recorded")
+    adapter_config = _read_json(adapter / ADAPTER_CONFIG) if adapter and adapter.is_dir() else {}
     lora_cfg = (meta.get("config") or {}).get("lora") or {}
     common: ArtifactRecord = {
         "task_id": task_dir.name,
@@ -73,7 +76,8 @@ def describe_task(task_dir: Path) -> list[ArtifactRecord]:
         "target_modules": adapter_config.get("target_modules") or lora_cfg.get("target_modules"),
         "metrics": meta.get("metrics"),
     }
-    return _pair(task_dir.name, merged, adapter, common, merged_at=meta.get("merged_at"))
+    return _pair(task_dir.name, merged, adapter, common, merged_at=meta.get("merged_at"),
+                 uris=(meta.get("merged_uri"), meta.get("lora_uri")))
 
 
 def describe_legacy(folder: Path) -> list[ArtifactRecord]:
@@ -138,16 +142,20 @@ def folder_size(path: Path) -> int:
 
 
 def _pair(stem: str, merged: Path | None, adapter: Path | None, common: ArtifactRecord,
-          merged_at: str | None = None) -> list[ArtifactRecord]:
+          merged_at: str | None = None, uris: tuple[str | None, str | None] = (None, None)) -> list[ArtifactRecord]:
     records: list[ArtifactRecord] = []
     if merged is not None:
         created = merged_at or common.get("created_at")
-        records.append({**common, "name": stem, "kind": "merged", "path": str(merged), "created_at": created,
-                        "size_bytes": folder_size(merged)})
+        records.append({**common, "name": stem, "kind": "merged", "path": str(merged), "uri": uris[0],
+                        "created_at": created, "size_bytes": _size(merged)})
     if adapter is not None:
         records.append({**common, "name": f"{stem}-lora" if merged else stem, "kind": "lora",
-                        "path": str(adapter), "size_bytes": folder_size(adapter)})
+                        "path": str(adapter), "uri": uris[1], "size_bytes": _size(adapter)})
     return records
+
+
+def _size(folder: Path) -> int | None:
+    return folder_size(folder) if folder.is_dir() else None  # only its shared copy exists
 
 
 def _name(described: list[tuple[list[ArtifactRecord], str, str]]) -> list[ArtifactRecord]:

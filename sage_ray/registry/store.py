@@ -50,6 +50,7 @@ class ArtifactRecord(TypedDict, total=False):
     name: str  # unique: what users pick a model by
     kind: Literal["base", "lora", "merged"]
     path: str
+    uri: str | None  # its shared copy (SAGE_STORAGE), which a node without `path` fetches
     base_model: str | None
     task_id: str | None
     created_at: str
@@ -85,7 +86,7 @@ class JobRecord(TypedDict, total=False):
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
         base_model TEXT, task_id TEXT, created_at TEXT NOT NULL, size_bytes INTEGER, chat_template TEXT,
-        lora_rank INTEGER, target_modules TEXT, metrics TEXT)""",
+        lora_rank INTEGER, target_modules TEXT, metrics TEXT, uri TEXT)""",
     "CREATE INDEX IF NOT EXISTS artifacts_task ON artifacts (task_id)",
     """CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, ray_job_id TEXT, config TEXT,
         status TEXT NOT NULL, status_detail TEXT, progress REAL NOT NULL DEFAULT 0, epoch REAL, step INTEGER,
@@ -147,9 +148,10 @@ class RegistryStore:
         with self._write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
-            # stores written before the queue existed lack queued_at: add it in place
-            if "queued_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}:
-                conn.execute("ALTER TABLE jobs ADD COLUMN queued_at TEXT")
+            # stores written before the queue and shared storage existed: add their columns in place
+            for table, column in (("jobs", "queued_at"), ("artifacts", "uri")):
+                if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     def __reduce__(self):  # a copy sent to another process opens its own connections
         return (type(self), (str(self.db_path),))

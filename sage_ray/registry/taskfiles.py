@@ -4,7 +4,6 @@ writes its config or removes its folder through the actor, never through its own
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -67,24 +66,29 @@ def read_tail(path: Path, lines: int | None) -> str:
 
 
 def checkpoint_step(paths: TaskPaths) -> int | None:
-    """The optimizer step of the checkpoint Ray Train will resume from, or None if there is none.
+    """The optimizer step of the checkpoint Ray Train will resume from, or None if there is none."""
+    return checkpoint_step_at(str(paths.checkpoints))
+
+
+def checkpoint_step_at(checkpoints: str) -> int | None:
+    """The same for Ray Train's run folder `checkpoints`, a local path or a shared URI.
 
     Ray Train restores `latest_checkpoint_result` of its snapshot; each checkpoint reports its
     step (RayCheckpointCallback), and the Trainer's own state has it as a fallback."""
+    from sage_ray import storage
+
     try:
-        snapshot = json.loads((paths.checkpoints / SNAPSHOT).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-    latest: dict[str, Any] | None = snapshot.get("latest_checkpoint_result")
-    if not latest:
-        return None
-    step = (latest.get("metrics") or {}).get("step")
-    if isinstance(step, int):
-        return step
-    state = paths.checkpoints / latest["checkpoint_dir_name"] / "checkpoint" / "trainer_state.json"
-    try:
-        return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
-    except (FileNotFoundError, ValueError, KeyError):
+        snapshot = storage.read_json(storage.join(checkpoints, SNAPSHOT)) or {}
+        latest: dict[str, Any] | None = snapshot.get("latest_checkpoint_result")
+        if not latest:
+            return None
+        step = (latest.get("metrics") or {}).get("step")
+        if isinstance(step, int):
+            return step
+        state = storage.read_json(storage.join(checkpoints, latest["checkpoint_dir_name"], "checkpoint",
+                                               "trainer_state.json")) or {}
+        return int(state["global_step"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 

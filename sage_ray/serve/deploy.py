@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any
 
+from sage_ray import storage
 from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 BUILDER = "sage_ray.serve.app:build_app"
@@ -120,10 +121,12 @@ def deployment_status(details: dict[str, Any], app_name: str, deployment: str = 
 def studio_config(settings: StudioSettings, *, host: str = "127.0.0.1", port: int = 8000,
                   app_name: str = "studio") -> dict[str, Any]:
     """The Serve config of the Studio (what configs/studio.yaml holds), for a config deploy."""
-    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port},
-            "applications": [{"name": app_name, "route_prefix": "/", "import_path": BUILDER,
-                              "args": settings.model_dump(mode="json"),
-                              "deployments": [{"name": LLM_DEPLOYMENT, "user_config": settings.llm_user_config()}]}]}
+    app: dict[str, Any] = {"name": app_name, "route_prefix": "/", "import_path": BUILDER,
+                           "args": settings.model_dump(mode="json"),
+                           "deployments": [{"name": LLM_DEPLOYMENT, "user_config": settings.llm_user_config()}]}
+    if env := storage.forwarded_env():  # replicas on other nodes fetch shared models with these
+        app["runtime_env"] = {"env_vars": env}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": [app]}
 
 
 def deploy_studio(settings: StudioSettings, *, host: str = "127.0.0.1", port: int = 8000, app_name: str = "studio",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sage_ray import storage
 from sage_ray.models import DEMO, TINY, ModelNotFoundError, resolve_model
 from sage_ray.registry.discovery import ADAPTER_CONFIG
 from sage_ray.serve.engines.base import ModelSpec, adapter_base
@@ -43,13 +44,25 @@ def _base_folder(artifact: dict[str, Any]) -> str:
         raise ModelRefError(f"the base model {ref!r} of adapter {artifact['name']!r} is not available: {err}", 409)
 
 
-def spec_of(artifact: dict[str, Any]) -> ModelSpec:
-    """The engine's view of a registry artifact."""
-    if not Path(artifact["path"]).is_dir():
-        raise ModelRefError(f"model {artifact['name']!r} is registered at {artifact['path']}, "
-                            "but that folder is gone; run `sage llm model show` to see what remains", 410)
+def spec_of(artifact: dict[str, Any], *, fetch: bool = True) -> ModelSpec:
+    """The engine's view of a registry artifact. A model whose folder is not on this node but
+    has a shared copy (SAGE_STORAGE) is fetched into the node's verified cache; `fetch=False`
+    only checks that it could be (the ingress checks, the LLM replica's node fetches)."""
+    path = Path(artifact["path"])
+    if not path.is_dir():
+        if not artifact.get("uri"):
+            raise ModelRefError(f"model {artifact['name']!r} is registered at {artifact['path']}, "
+                                "but that folder is gone; run `sage llm model show` to see what remains", 410)
+        if not fetch:
+            return ModelSpec(name=artifact["name"], path=artifact["uri"], kind=artifact["kind"])
+        try:
+            path = storage.fetch(artifact["uri"])
+        except storage.StorageError as err:
+            raise ModelRefError(f"model {artifact['name']!r} is not on this node and fetching its shared copy "
+                                f"failed: {err}", 424) from err
+        artifact = {**artifact, "path": str(path)}
     base = _base_folder(artifact) if artifact["kind"] == "lora" else None
-    return ModelSpec(name=artifact["name"], path=artifact["path"], kind=artifact["kind"], base_path=base)
+    return ModelSpec(name=artifact["name"], path=str(path), kind=artifact["kind"], base_path=base)
 
 
 def _describe_path(path: Path) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class StudioService:
         it answers. A model that fails to load leaves the old one serving: 422 with the error."""
         try:
             artifact = self.registry.artifact(ref)
-            spec_of(artifact)  # the folder and, for an adapter, its base are there
+            spec_of(artifact, fetch=False)  # the folder (or its shared copy) and an adapter's base are there
         except Exception as err:
             raise user_error(err) from None
         name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
@@ -284,8 +284,8 @@ class StudioService:
         """Merge a completed task's adapter into its base and register the merged model."""
         from sage_ray.paths import TaskPaths
         from sage_ray.registry import describe_task
-        from sage_ray.train.merge import merge_adapter
-        from sage_ray.train.meta import mark_merged, read_meta
+        from sage_ray.train.meta import read_meta
+        from sage_ray.train.publish import merge_task
 
         try:
             paths = TaskPaths(task_id)
@@ -293,8 +293,7 @@ class StudioService:
         except (ValueError, FileNotFoundError) as err:
             raise ServiceError(404 if isinstance(err, FileNotFoundError) else 400, str(err)) from None
         if not paths.merged.is_dir():
-            merge_adapter(paths.lora, meta["base_model_path"], paths.merged)
-            mark_merged(paths)
+            merge_task(paths, meta["base_model_path"])
         for record in describe_task(paths.dir):
             self.registry.call("upsert_artifact", record)
         self.registry.call("discover")  # the adapter's name changes to <task>-lora next to the merged model

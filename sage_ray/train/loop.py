@@ -22,6 +22,7 @@ from sage_ray.data import load_dataset
 from sage_ray.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_examples
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback, write_log
+from sage_ray.train.publish import publish_run
 from sage_ray.train.tracking import FanOut, RegistrySink
 
 
@@ -175,6 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         result.update(dataset={**dataset.summary(), **stats.as_dict()}, workers=context.get_world_size(),
                       device="cuda" if on_gpu else "cpu")
         paths.result.write_text(json.dumps(result, indent=2))
+        publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
 
 
 def make_callbacks(task_id: str, paths: TaskPaths, rank0: bool, sage_home: str):

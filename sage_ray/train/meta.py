@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sage_ray import storage
 from sage_ray.paths import TaskPaths
 from sage_ray.registry.store import now_iso
 
@@ -26,7 +27,10 @@ def read_meta(paths: TaskPaths) -> dict[str, Any]:
 
 def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_path: str,
                result: dict, started_at: str, device: str, memory_estimate_gib: float) -> dict[str, Any]:
+    from sage_ray.train.publish import artifact_uri
+
     merged = paths.merged.is_dir()
+    shared = storage.task_uri(paths.task_id)
     return {
         "task_id": paths.task_id,
         "type": "merged" if merged else "lora",
@@ -35,7 +39,11 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "output_dir": str(paths.dir),
         "lora_path": str(paths.lora),
         "merged_path": str(paths.merged) if merged else None,
-        "checkpoint_dir": str(paths.checkpoints),
+        # the shared copies (SAGE_STORAGE), which nodes without this folder fetch
+        "lora_uri": artifact_uri(paths.task_id, "lora"),
+        "merged_uri": artifact_uri(paths.task_id, "merged_model") if merged else None,
+        "lora_bytes": result.get("lora_bytes"),
+        "checkpoint_dir": storage.join(shared, "checkpoints") if shared else str(paths.checkpoints),
         "log_path": str(paths.train_log),
         "tensorboard_dir": str(paths.logs),
         "status": "completed",
@@ -52,9 +60,9 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
     }
 
 
-def mark_merged(paths: TaskPaths) -> dict[str, Any]:
-    """Update the meta after a later `sage finetune merge`."""
+def mark_merged(paths: TaskPaths, merged_uri: str | None = None) -> dict[str, Any]:
+    """Update the meta after a merge (at the end of training or a later `sage finetune merge`)."""
     meta = read_meta(paths)
-    meta.update(type="merged", merged_path=str(paths.merged), merged_at=now_iso())
+    meta.update(type="merged", merged_path=str(paths.merged), merged_uri=merged_uri, merged_at=now_iso())
     write_json_atomic(paths.meta, meta)
     return meta

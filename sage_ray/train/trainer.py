@@ -7,14 +7,13 @@ if asked and writes finetune_meta.json last, so a task with a meta file is compl
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sage_ray import cluster
+from sage_ray import cluster, storage
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.data import load_dataset
 from sage_ray.models import resolve_model
@@ -26,6 +25,7 @@ from sage_ray.train.callbacks import write_log
 from sage_ray.train.device import cluster_has_gpu, local_device
 from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
+from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result
 from sage_ray.train.tracking import JobTracker
 
 
@@ -122,15 +122,16 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     from sage_ray.train.loop import train_loop_per_worker
 
     resources = per_worker(cfg.cpus_per_worker, bool(cfg.use_gpu), train_resources())
+    storage_path, storage_fs = checkpoint_location(cfg.name, paths)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
                            "task_dir": str(paths.dir), "sage_home": str(sage_home())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=paths.checkpoints.name, storage_path=str(paths.dir),
+        run_config=RunConfig(name=paths.checkpoints.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
+                             worker_runtime_env={"env_vars": {**WORKER_ENV, **storage.forwarded_env()}}),
     )
     try:
         trainer.fit()
@@ -139,7 +140,7 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise TrainingError(f"training failed: {cause}") from err
-    return json.loads(paths.result.read_text())
+    return run_result(paths)
 
 
 def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: bool = True) -> FinetuneResult:
@@ -196,7 +197,9 @@ def _train(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker, model_dir: P
     if cfg.merge:
         tracker.status("merging")
         write_log(log, f"merging the adapter into {paths.merged}")
-        merge_adapter(paths.lora, model_dir, paths.merged)
+        merge_adapter(local_adapter(paths), model_dir, paths.merged)
+        if (uri := publish_merged(paths)) is not None:
+            write_log(log, f"merged model shared at {uri}")
     meta = build_meta(paths, config=cfg.model_dump(mode="json"), base_model=cfg.model,
                       base_model_path=str(model_dir), result=result, started_at=started_at,
                       device=device.describe(), memory_estimate_gib=estimate.total / GiB)

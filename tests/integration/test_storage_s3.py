@@ -2,6 +2,7 @@
 and stopped here. Upload a small model folder, fetch it on "the other side" into a fresh
 cache, reuse the cache without touching the server, refuse a corrupted object without leaving
 anything in the cache, and keep the cache under its bound by evicting the least recently used.
+The server is the integration tests' `s3_server` (conftest.py).
 """
 
 from __future__ import annotations
@@ -17,20 +18,6 @@ import pytest
 from sage_ray import storage
 
 BUCKET = "sage-artifacts"
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on a free local port, with throwaway credentials; stopped at the end."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

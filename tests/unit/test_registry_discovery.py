@@ -146,3 +146,28 @@ def test_registry_actor_registers_and_prunes_without_ray(home: Path):
     names = {a["name"]: a for a in RegistryStore(home / "registry.db").list_artifacts()}
     assert names["task_b"]["kind"] == "lora" and "task_b-lora" not in names
     assert "weights_only" not in names and "task_a" in names and "elsewhere" in names
+
+
+def test_a_task_trained_elsewhere_is_registered_by_its_shared_copies(home: Path, monkeypatch: pytest.MonkeyPatch):
+    """With SAGE_STORAGE the meta records the URIs; a node whose task folder lacks the models
+    (they were written on a worker node) still registers both, by URI, and keeps them."""
+    monkeypatch.setenv("SAGE_STORAGE", "s3://bucket/prefix")
+    paths = studio_task(home, "remote_task", merged=True, base_dir=home / "models" / "tiny-base")
+    meta = json.loads(paths.meta.read_text())
+    assert meta["lora_uri"] == "s3://bucket/prefix/studio_finetune/remote_task/lora"
+    assert meta["merged_uri"] == "s3://bucket/prefix/studio_finetune/remote_task/merged_model"
+    assert meta["checkpoint_dir"] == "s3://bucket/prefix/studio_finetune/remote_task/checkpoints"
+    shutil.rmtree(paths.lora)
+    shutil.rmtree(paths.merged)
+
+    found = by_name(discover(home))
+    assert found["remote_task"]["kind"] == "merged" and found["remote_task"]["uri"] == meta["merged_uri"]
+    assert found["remote_task-lora"]["uri"] == meta["lora_uri"]
+    assert found["remote_task-lora"]["path"] == str(paths.lora) and found["remote_task-lora"]["size_bytes"] is None
+    assert found["remote_task-lora"]["lora_rank"] == 8  # from the meta's config, the adapter not being here
+    assert found["task_a"]["uri"] is None  # a task written without SAGE_STORAGE has no shared copy
+
+    registry = RegistryActor(str(home))
+    registry.discover()  # pruning keeps what exists only as a shared copy
+    assert {"remote_task", "remote_task-lora"} <= {a["name"] for a in registry.list_artifacts()}
+    assert registry.get_artifact("remote_task-lora")["uri"] == meta["lora_uri"]

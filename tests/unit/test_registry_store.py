@@ -236,7 +236,7 @@ def test_concurrent_threads_and_processes_lose_no_update(store: RegistryStore):
     assert shared["step"] == EVENTS * workers + workers - 1  # the largest step always wins
 
 
-def test_a_store_from_before_the_queue_gains_queued_at(tmp_path: Path):
+def test_a_store_from_before_the_queue_gains_its_new_columns(tmp_path: Path):
     import sqlite3
 
     db = tmp_path / "old.db"
@@ -248,8 +248,17 @@ def test_a_store_from_before_the_queue_gains_queued_at(tmp_path: Path):
     conn.execute("INSERT INTO jobs (task_id, status, created_at) VALUES ('old', 'failed', '2024-01-01T00:00:00+00:00')")
     conn.commit()
     conn.close()
+    conn = sqlite3.connect(db)
+    conn.execute("""CREATE TABLE artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
+        base_model TEXT, task_id TEXT, created_at TEXT NOT NULL, size_bytes INTEGER, chat_template TEXT,
+        lora_rank INTEGER, target_modules TEXT, metrics TEXT)""")
+    conn.execute("INSERT INTO artifacts (name, kind, path, created_at) VALUES ('m', 'base', '/m', '2024-01-01')")
+    conn.commit()
+    conn.close()
     store = RegistryStore(db)
     assert store.get_job("old")["queued_at"] is None
+    assert store.get_artifact("m")["uri"] is None  # and shared storage's column
+    assert store.upsert_artifact({"name": "m", "kind": "base", "path": "/m", "uri": "s3://b/m"})["uri"] == "s3://b/m"
     first = store.update_job("old", status="queued")  # resumed: back in the queue, at the end
     later = store.create_job("new")
     assert first["queued_at"] < later["queued_at"]

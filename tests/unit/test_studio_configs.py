@@ -33,3 +33,33 @@ def test_generated_config_keeps_only_a_hash_of_the_key():
     ServeDeploySchema.model_validate(config)
     assert "hunter2" not in yaml.safe_dump(config)
     assert StudioSettings(**config["applications"][0]["args"]).check_key("hunter2")
+
+
+def test_generated_config_forwards_the_storage_settings_but_no_secret(monkeypatch):
+    """Replicas on other nodes fetch shared models: they get SAGE_STORAGE and the endpoint
+    through the app's runtime_env; AWS keys in this shell are not copied into the config."""
+    from ray.serve.schema import ServeDeploySchema
+
+    monkeypatch.setenv("SAGE_STORAGE", "s3://bucket/sage")
+    monkeypatch.setenv("SAGE_S3_ENDPOINT", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-copied")
+    config = studio_config(StudioSettings(model="tiny"))
+    ServeDeploySchema.model_validate(config)
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    assert env["SAGE_STORAGE"] == "s3://bucket/sage" and env["SAGE_S3_ENDPOINT"] == "http://127.0.0.1:9000"
+    assert "not-to-be-copied" not in yaml.safe_dump(config)
+    for name in ("SAGE_STORAGE", "SAGE_S3_ENDPOINT"):
+        monkeypatch.delenv(name)
+    assert "runtime_env" not in studio_config(StudioSettings(model="tiny"))["applications"][0]
+
+
+def test_a_model_only_in_shared_storage_is_checked_without_fetching(tmp_path):
+    from sage_ray.serve.resolve import ModelRefError, spec_of
+
+    gone = {"name": "t", "kind": "merged", "path": str(tmp_path / "gone")}
+    with pytest.raises(ModelRefError, match="folder is gone") as err:
+        spec_of(gone, fetch=False)
+    assert err.value.status == 410
+    spec = spec_of({**gone, "uri": "s3://bucket/sage/studio_finetune/t/merged_model"}, fetch=False)
+    assert spec.path == "s3://bucket/sage/studio_finetune/t/merged_model"  # nothing was downloaded
+    assert not (tmp_path / "gone").exists()

@@ -1,0 +1,89 @@
+"""A task's models on shared storage (`SAGE_STORAGE`), next to its folder in SAGE_HOME.
+
+Training always writes the task folder on the node that does the work; with SAGE_STORAGE
+set, the first worker also uploads the adapter and the run's figures to the task's URI, and
+the driver uploads the merged model, so a node that lacks the folder (the head running the
+registry, a serving node) fetches a checksum-verified copy instead. Without SAGE_STORAGE
+every function here is a no-op and paths stay local: the single-machine default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sage_ray import storage
+from sage_ray.paths import TaskPaths
+
+RESULT = "train_result.json"
+
+
+def artifact_uri(task_id: str, folder: str) -> str | None:
+    """The shared URI of a task's `lora` or `merged_model` folder, None without SAGE_STORAGE."""
+    root = storage.task_uri(task_id)
+    return storage.join(root, folder) if root else None
+
+
+def checkpoint_location(task_id: str, paths: TaskPaths) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the shared task URI, so
+    a resumed run finds its checkpoints from any node; else the local task folder."""
+    root = storage.task_uri(task_id)
+    if root is None:
+        return str(paths.dir), None
+    fs, path = storage.filesystem(root)
+    return path, fs
+
+
+def publish_run(paths: TaskPaths, result: dict[str, Any]) -> None:
+    """On the first worker after training: share the adapter and the run's figures."""
+    root = storage.task_uri(paths.task_id)
+    if root is None:
+        return
+    manifest = storage.upload_dir(paths.lora, storage.join(root, "lora"))
+    storage.write_json(storage.join(root, RESULT), {**result, "lora_bytes": manifest["total_bytes"]})
+
+
+def run_result(paths: TaskPaths) -> dict[str, Any]:
+    """train_result.json from the task folder here, else the copy the first worker shared
+    (it ran on another node)."""
+    import json
+
+    if paths.result.is_file():
+        return json.loads(paths.result.read_text())
+    root = storage.task_uri(paths.task_id)
+    shared = storage.read_json(storage.join(root, RESULT)) if root else None
+    if shared is None:
+        raise FileNotFoundError(f"{paths.result} was not written, and no shared copy exists"
+                                + (f" at {storage.join(root, RESULT)}" if root else ""))
+    return shared
+
+
+def local_adapter(paths: TaskPaths) -> Path:
+    """The task's adapter folder on this machine: its own lora/, else fetched from storage."""
+    uri = artifact_uri(paths.task_id, "lora")
+    if (paths.lora / "adapter_config.json").is_file() or uri is None:
+        return paths.lora
+    return storage.fetch(uri)
+
+
+def publish_merged(paths: TaskPaths) -> str | None:
+    """Share the merged model the driver just wrote; its URI, or None without SAGE_STORAGE."""
+    uri = artifact_uri(paths.task_id, "merged_model")
+    if uri is not None:
+        storage.upload_dir(paths.merged, uri)
+    return uri
+
+
+def merge_task(paths: TaskPaths, base_model_path: str | Path) -> None:
+    """Merge a task's adapter into its base, share the result, and record it in the meta."""
+    from sage_ray.train.merge import merge_adapter
+    from sage_ray.train.meta import mark_merged
+
+    merge_adapter(local_adapter(paths), base_model_path, paths.merged)
+    mark_merged(paths, merged_uri=publish_merged(paths))
+
+
+def forget(task_id: str) -> bool:
+    """Remove a deleted task's shared copy; True if there was one."""
+    root = storage.task_uri(task_id)
+    return storage.delete_tree(root) if root else False
