@@ -3,7 +3,8 @@
 Starts its own multi-node Ray cluster in this machine (`ray.cluster_utils.Cluster`: a head, a
 "train" node {"sage_train"} and a "serve" node {"sage_serve"}) and a local S3-compatible
 server (moto), fine-tunes a model for a few steps on the train node (Ray Train, placed by
-SAGE_TRAIN_RESOURCES) and uploads the adapter to s3:// with sage_ray.storage. Then, on each
+SAGE_TRAIN_RESOURCES) with SAGE_STORAGE=s3://..., so training itself uploads the adapter
+(what the registry then records as the artifact's URI). Then, on each
 node, an actor placed by resources with the base model already loaded (as a serving replica
 has it) measures, from one run:
   same node:    load the adapter from the local task folder + first token
@@ -32,8 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["RAY_AUTH_MODE"] = "disabled"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {"AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 PROMPT = [{"role": "user", "content": "What is Ray Serve?"}]
 
 
@@ -89,7 +89,8 @@ class AdapterProbe:
         return {"fetch": t1 - t0, "load": t2 - t1, "first_token": t3 - t2, "total": t3 - t0}
 
 
-def start_s3() -> tuple[object, str, str]:
+def start_s3(home: Path):
+    """A moto S3 server and a bucket, with SAGE_STORAGE pointing there; returns the server."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -98,10 +99,15 @@ def start_s3() -> tuple[object, str, str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(S3_ENV, SAGE_S3_ENDPOINT=endpoint)
+    # credentials by file, as on a cluster: sage-ray forwards the file's path to jobs, never keys
+    credentials = home / "aws_credentials"
+    credentials.write_text("[default]\naws_access_key_id = bench\naws_secret_access_key = bench\n")
     bucket = f"sage-bench-{os.urandom(3).hex()}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return server, endpoint, bucket
+    os.environ.update(S3_ENV, SAGE_S3_ENDPOINT=endpoint, AWS_SHARED_CREDENTIALS_FILE=str(credentials),
+                      SAGE_STORAGE=f"s3://{bucket}/sage")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                 aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+    return server
 
 
 def start_cluster(temp_dir: str):
@@ -140,17 +146,13 @@ def measure(args, home: Path) -> None:
 
     from sage_ray import storage
 
-    server, endpoint, bucket = start_s3()
+    server = start_s3(home)
     try:
         result, paths = train(args.model, args.steps, home)
         base = result.meta["base_model_path"]
-        uri = f"s3://{bucket}/studio_finetune/{result.task_id}/lora"
-        started = time.perf_counter()
-        manifest = storage.upload_dir(paths.lora, uri)
-        size = sum(f["size"] for f in manifest["files"].values()) if isinstance(manifest.get("files"), dict) else None
-        print(f"upload of the adapter to {uri}: {time.perf_counter() - started:.2f} s"
-              + (f" ({size / 2**20:.1f} MiB)" if size else ""))
-        env = {"env_vars": {**S3_ENV, "SAGE_S3_ENDPOINT": endpoint, "SAGE_HOME": str(home)}}
+        uri = result.meta["lora_uri"]  # written by the training run's first worker
+        print(f"adapter shared by the training run at {uri} ({result.meta['lora_bytes'] / 2**20:.1f} MiB)")
+        env = {"env_vars": {**storage.forwarded_env(), "SAGE_HOME": str(home)}}
         probe = ray.remote(AdapterProbe)
         same = probe.options(num_cpus=1, runtime_env=env, resources={"sage_train": 1}).remote(base, args.threads)
         other = probe.options(num_cpus=1, runtime_env=env, resources={"sage_serve": 1}).remote(base, args.threads)

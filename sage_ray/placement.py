@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 TRAIN_RESOURCES_ENV = "SAGE_TRAIN_RESOURCES"
+AUTOSCALING_CONFIG_ENV = "SAGE_AUTOSCALING_CONFIG"
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the launcher config on the head
 GpuPolicy = Literal["none", "wait", "release"]
 CHAT_HOLDS_GPU = "waiting for GPU held by the chat model"
 EPSILON = 1e-6
@@ -139,3 +142,44 @@ def _llm_handle(hold: dict[str, Any]):
     from sage_ray.serve.settings import LLM_DEPLOYMENT
 
     return serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=hold["app"])
+
+
+def autoscaler_ceiling() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may bring up, head included; None when
+    the cluster does not autoscale (a local or `ray start` cluster: what is there is all).
+
+    A node group at 0 nodes (cluster.yaml's GPU groups) shows none of its resources until
+    something waits for them, so the queue and the device choice must count what it can add.
+    Read from the config an autoscaler reported to the GCS (as Ray Data reads it), else from the
+    launcher config `ray up` leaves on the head (SAGE_AUTOSCALING_CONFIG names another file)."""
+    from_gcs = _ceiling_from_gcs()
+    if from_gcs:
+        return from_gcs
+    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
+    try:
+        import yaml
+
+        return ceiling_of_launcher_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def ceiling_of_launcher_config(config: dict[str, Any]) -> dict[str, float] | None:
+    """Resources of every node a Ray cluster launcher config may run: each node type's
+    `resources` times its max_workers (plus the head node itself)."""
+    head, ceiling = config.get("head_node_type"), {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        count = int(node_type.get("max_workers", 0)) + (1 if name == head else 0)
+        for resource, amount in (node_type.get("resources") or {}).items():
+            ceiling[resource] = ceiling.get(resource, 0.0) + float(amount) * count
+    return ceiling or None
+
+
+def _ceiling_from_gcs() -> dict[str, float] | None:
+    from ray._private import state
+
+    try:
+        ceiling = state.state.get_max_resources_from_cluster_config()
+    except Exception:  # not connected, or a GCS without the key: plan without it
+        return None
+    return {name: float(amount) for name, amount in ceiling.items()} if ceiling else None

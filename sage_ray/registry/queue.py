@@ -7,7 +7,10 @@ drivers never both take the last free CPUs. A slot is granted to the oldest live
 when fewer than the limit of jobs run (SAGE_MAX_CONCURRENT_JOBS) and the cluster has the
 CPUs/GPUs its workers need, net of what jobs granted a moment ago have not placed yet. When
 the chat model holds a GPU under a gpu_policy (sage_ray.placement), a job that could only run
-on that GPU waits ("wait") or is granted with the GPU to borrow ("release").
+on that GPU waits ("wait") or is granted with the GPU to borrow ("release"). On an autoscaling
+cluster what the autoscaler can still start counts as well (sage_ray.placement.autoscaler_ceiling):
+a job that fits once a node of its group is up starts, and its workers' pending request is what
+makes the autoscaler start that node.
 
 Drivers ask about once a second while they wait. A queued job whose driver stopped asking (it
 died, or the cluster restarted under it) stops holding up the jobs behind it after a grace
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from sage_ray.placement import gpu_conflict, per_worker
+from sage_ray.placement import autoscaler_ceiling, gpu_conflict, per_worker
 from sage_ray.registry.store import RUNNING, RegistryStore
 
 WAITING = "waiting for resources"
@@ -68,14 +71,19 @@ class Decision:
 
 def decide(need: dict[str, float], *, ahead: int, running: int, limit: int | None,
            available: dict[str, float], claimed: dict[str, float], total: dict[str, float],
-           hold: dict[str, Any] | None = None, per_node: dict[str, dict[str, float]] | None = None) -> Decision:
+           hold: dict[str, Any] | None = None, per_node: dict[str, dict[str, float]] | None = None,
+           ceiling: dict[str, float] | None = None) -> Decision:
     """May a job needing `need` start now? `ahead`: live jobs queued before it; `claimed`: what
     granted jobs will take but Ray does not show as used yet; `hold`: what the chat model holds
-    and its gpu_policy; `per_node`: free resources by node id."""
+    and its gpu_policy; `per_node`: free resources by node id; `ceiling`: what the cluster's
+    autoscaler can grow to (None: no autoscaler, the nodes there are all there will be)."""
+    ceiling = ceiling or {}
     for resource, amount in need.items():
-        if amount > total.get(resource, 0.0) + EPSILON:
+        most = max(total.get(resource, 0.0), ceiling.get(resource, 0.0))
+        if amount > most + EPSILON:
+            scaled = f", and its autoscaler can reach {_amount(most)}" if resource in ceiling else ""
             return Decision(False, f"{WAITING}: needs {_amount(amount)} {resource}, the cluster has "
-                                   f"{_amount(total.get(resource, 0.0))} in all (add nodes, or lower "
+                                   f"{_amount(total.get(resource, 0.0))} in all{scaled} (add nodes, or lower "
                                    "num_workers / cpus_per_worker; cancel it otherwise)")
     if ahead:
         return Decision(False, f"{WAITING}: {ahead} job(s) ahead in the queue")
@@ -84,12 +92,18 @@ def decide(need: dict[str, float], *, ahead: int, running: int, limit: int | Non
     action, why = gpu_conflict(need, hold, per_node or {})
     if action == "wait":
         return Decision(False, why)
-    short = [f"needs {_amount(amount)} {resource}, "
-             f"{_amount(max(0.0, available.get(resource, 0.0) - claimed.get(resource, 0.0)))} free"
-             for resource, amount in need.items()
-             if amount > available.get(resource, 0.0) - claimed.get(resource, 0.0) + EPSILON]
+    free = {resource: available.get(resource, 0.0) - claimed.get(resource, 0.0) for resource in need}
+    short = {resource: amount for resource, amount in need.items() if amount > free[resource] + EPSILON}
+    # What the autoscaler can still add (nodes it has not started): a job that fits once they
+    # are there starts now, so that its workers' request is what makes the autoscaler add them.
+    growth = {resource: max(0.0, ceiling.get(resource, 0.0) - total.get(resource, 0.0)) for resource in short}
+    if short and all(amount <= free[r] + growth[r] + EPSILON for r, amount in short.items()):
+        return Decision(True, "starting: the autoscaler adds nodes for " + ", ".join(
+            f"{_amount(amount)} {resource}" for resource, amount in short.items()))
     if short:
-        return Decision(False, f"{WAITING}: {'; '.join(short)}")
+        return Decision(False, f"{WAITING}: " + "; ".join(
+            f"needs {_amount(amount)} {resource}, {_amount(max(0.0, free[resource]))} free"
+            for resource, amount in short.items()))
     return Decision(True, why, hold) if action == "borrow" else Decision(True)
 
 
@@ -105,12 +119,15 @@ class SlotQueue:
 
     def __init__(self, cluster_state: Callable[[], tuple[dict, dict, set[str]]],
                  node_state: Callable[[], dict[str, dict]] | None = None,
-                 actor_alive: Callable[[str], bool] | None = None):
+                 actor_alive: Callable[[str], bool] | None = None,
+                 ceiling: Callable[[], dict[str, float] | None] | None = None):
         # cluster_state() -> (available resources, total resources, hex ids of live drivers);
-        # node_state() -> free resources by node id; actor_alive(hex id) -> is that actor alive
+        # node_state() -> free resources by node id; actor_alive(hex id) -> is that actor alive;
+        # ceiling() -> what the autoscaler can grow the cluster to, None without one
         self.cluster_state = cluster_state
         self.node_state = node_state or ray_node_state
         self.actor_alive = actor_alive or ray_actor_alive
+        self.ceiling = ceiling or autoscaler_ceiling
         self.started = time.time()
         self.last_asked: dict[str, float] = {}
         self.drivers: dict[str, str] = {}
@@ -134,6 +151,7 @@ class SlotQueue:
             return {"granted": job["status"] in RUNNING, "status": job["status"], "detail": job["status_detail"]}
         self.last_asked[task_id] = now
         available, total, live_drivers = self.cluster_state()
+        ceiling = self.ceiling()
         jobs = store.list_jobs(("queued", *sorted(RUNNING)))
         order = (job.get("queued_at") or job["created_at"], job["created_at"])
         ahead = sum(1 for other in jobs if other["status"] == "queued" and other["task_id"] != task_id
@@ -148,7 +166,8 @@ class SlotQueue:
                     claimed[resource] = claimed.get(resource, 0.0) + amount
         hold = self._chat_hold(store)
         decision = decide(need, ahead=ahead, running=len(running), limit=limit, available=available,
-                          claimed=claimed, total=total, hold=hold, per_node=self.node_state() if hold else None)
+                          claimed=claimed, total=total, hold=hold, per_node=self.node_state() if hold else None,
+                          ceiling=ceiling)
         if decision.granted:
             store.update_job(task_id, status="preparing", status_detail=decision.detail, only_if=("queued",))
             self.last_asked.pop(task_id, None)
@@ -193,3 +212,4 @@ def ray_actor_alive(actor_id: str) -> bool:
     except Exception:  # an id from an earlier cluster, unknown to this GCS
         return False
     return bool(info) and info.get("State") == "ALIVE"
+

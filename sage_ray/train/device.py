@@ -19,6 +19,9 @@ def local_device(use_gpu: bool) -> DeviceInfo:
 
 
 def cluster_has_gpu() -> bool:
+    """GPUs in the cluster now, or in a node group its autoscaler can start."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    from sage_ray.placement import autoscaler_ceiling
+
+    return ray.cluster_resources().get("GPU", 0) > 0 or (autoscaler_ceiling() or {}).get("GPU", 0) > 0

@@ -88,7 +88,7 @@ def _multinode_cluster(home, temp_dir):
             ray.init(address=cluster.address, log_to_driver=False)
             registry = get_registry(home)
             yield SimpleNamespace(home=home, registry=registry, head=node_with("sage_studio"),
-                                  train=node_with("sage_train"), serve=node_with("sage_serve"))
+                                  train=node_with("sage_train"), serve=node_with("sage_serve"), cluster=cluster)
         finally:
             _stop_serve()
             ray.shutdown()
@@ -245,3 +245,67 @@ def test_gpu_policy_with_fractional_resources(multinode, studio_port, chat_data)
     serving = ray.get(multinode.registry.get_serving.remote())
     assert serving["gpu"]["lent_to"] == [] and serving["state"] == "active" and serving["declared"] == "tiny"
     assert chat(client)["choices"][0]["message"]["content"] is not None
+
+
+def report_autoscaling_config(groups: dict[str, tuple[dict[str, float], int]]) -> None:
+    """Tell the GCS what an autoscaler could start, as a running autoscaler reports it:
+    {group: (resources of one node, max nodes)}; {} reports none."""
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, (resources, count) in groups.items():
+        group = config.node_group_configs.add()
+        group.name, group.max_count = name, count
+        group.resources.update({key: int(value) for key, value in resources.items()})
+    GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
+
+
+def test_a_job_for_a_group_at_zero_nodes_starts_when_the_autoscaler_adds_one(multinode, chat_data):
+    """cluster.yaml's GPU groups start with no node: their resources appear only once the
+    autoscaler starts one, and it starts one only for work that asks. The queue counts what the
+    autoscaler can add, so the job is let through and its workers' request waits in Ray; this
+    test then adds the node in the autoscaler's place, and the job trains there."""
+    import ray
+
+    from sage_ray import TrainConfig
+    from sage_ray.train.device import cluster_has_gpu
+    from sage_ray.train.trainer import finetune
+
+    assert not cluster_has_gpu()
+    report_autoscaling_config({"head": ({"CPU": 1, "sage_studio": 1}, 1), "train": ({"CPU": 2, "sage_train": 2}, 1),
+                               "serve": ({"CPU": 1, "sage_serve": 1, "gpu_slot": 1}, 1),
+                               "burst": ({"CPU": 1, "GPU": 1, "sage_burst": 1}, 1)})
+    outcome: dict = {}
+
+    def run() -> None:
+        try:  # use_gpu False: the "burst" node this test adds has no real GPU
+            outcome["result"] = finetune(TrainConfig(name="burst", model="tiny", data=str(chat_data), max_steps=1,
+                                                     batch_size=2, max_length=128, num_workers=1, cpus_per_worker=1,
+                                                     use_gpu=False), log_to_driver=False)
+        except BaseException as err:  # noqa: BLE001  # reported by the main thread
+            outcome["error"] = err
+
+    try:
+        assert cluster_has_gpu()  # a GPU group the autoscaler can start counts as GPUs
+        os.environ["SAGE_TRAIN_RESOURCES"] = json.dumps({"sage_burst": 1})  # restored by the module fixture
+        driver = threading.Thread(target=run, daemon=True)
+        driver.start()
+        job = wait_for(lambda: (j := ray.get(multinode.registry.get_job.remote("burst"))) and j["status"] != "queued"
+                       and j, 120, "the queue's answer")
+        assert job["status"] == "preparing", job
+        assert job["status_detail"] == "starting: the autoscaler adds nodes for 1 sage_burst"
+        time.sleep(2)
+        assert ray.get(multinode.registry.get_job.remote("burst"))["status"] == "preparing"  # no node, no training
+        nodes_before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        multinode.cluster.add_node(num_cpus=1, resources={"sage_burst": 1}, dashboard_agent_listen_port=free_port(),
+                                   metrics_export_port=free_port())
+        driver.join(timeout=300)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["result"].meta["status"] == "completed"
+        [burst] = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - nodes_before
+        assert burst in actor_nodes("RayTrainWorker")
+    finally:
+        report_autoscaling_config({})
+    assert not cluster_has_gpu()

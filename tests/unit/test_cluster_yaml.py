@@ -132,3 +132,20 @@ def test_commands_are_valid_bash(config: dict):
         # as the launcher runs them: `bash --login -c -i "source ~/.bashrc; ... && (cmd)"`
         result = subprocess.run(["bash", "-n", "-c", f"true && ({cmd})"], capture_output=True, text=True)
         assert result.returncode == 0, f"{cmd!r}: {result.stderr}"
+
+
+def test_the_queue_sees_what_the_autoscaler_can_start(config: dict, tmp_path: Path, monkeypatch):
+    """Its GPU groups start at 0 nodes: the job queue and the GPU choice read their ceiling from
+    the launcher config `ray up` leaves on the head (here: this file, at SAGE_AUTOSCALING_CONFIG)."""
+    from sage_ray.placement import AUTOSCALING_CONFIG_ENV, autoscaler_ceiling, ceiling_of_launcher_config
+
+    types = config["available_node_types"]
+    ceiling = ceiling_of_launcher_config(config)
+    assert ceiling["sage_train"] == types["gpu_train"]["max_workers"]
+    assert ceiling["sage_serve"] == types["gpu_serve"]["max_workers"]
+    assert ceiling["GPU"] == types["gpu_train"]["max_workers"] + types["gpu_serve"]["max_workers"]
+    assert ceiling["sage_studio"] == 1  # the head itself
+    monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(CLUSTER_YAML))
+    assert autoscaler_ceiling() == ceiling
+    monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(tmp_path / "absent.yaml"))
+    assert autoscaler_ceiling() is None  # no autoscaler: the nodes there are all there will be

@@ -284,6 +284,31 @@ def test_queue_decisions():
         concurrency_limit({"SAGE_MAX_CONCURRENT_JOBS": "0"})
 
 
+def test_queue_decisions_count_what_the_autoscaler_can_add():
+    """A node group at 0 nodes (cluster.yaml's GPU groups start that way) is started by the
+    autoscaler only when something asks for it: a job that fits once it is there starts."""
+    from sage_ray.registry.queue import decide
+
+    need = {"CPU": 1.0, "GPU": 1.0, "sage_train": 1.0}
+    head = {"CPU": 8.0, "sage_studio": 1.0}
+    ceiling = {"CPU": 8.0 + 2 * 8, "GPU": 2.0, "sage_train": 2.0, "sage_studio": 1.0}
+    without = decide(need, ahead=0, running=0, limit=None, available=head, claimed={}, total=head)
+    assert not without.granted and "the cluster has 0 in all" in without.detail
+    scaled = decide(need, ahead=0, running=0, limit=None, available=head, claimed={}, total=head, ceiling=ceiling)
+    assert scaled.granted and scaled.detail == "starting: the autoscaler adds nodes for 1 GPU, 1 sage_train"
+    # a second such job while the first one's node is still coming: the group has room for one more
+    second = decide(need, ahead=0, running=1, limit=None, available=head, claimed=need, total=head, ceiling=ceiling)
+    assert second.granted
+    third = decide(need, ahead=0, running=2, limit=None, available=head, total=head, ceiling=ceiling,
+                   claimed={"CPU": 2.0, "GPU": 2.0, "sage_train": 2.0})
+    assert not third.granted and third.detail == "waiting for resources: needs 1 GPU, 0 free; needs 1 sage_train, 0 free"
+    too_big = decide({"GPU": 4.0}, ahead=0, running=0, limit=None, available=head, claimed={}, total=head,
+                     ceiling=ceiling)
+    assert not too_big.granted and "has 0 in all, and its autoscaler can reach 2" in too_big.detail
+    limited = decide(need, ahead=0, running=1, limit=1, available=head, claimed={}, total=head, ceiling=ceiling)
+    assert not limited.granted and "1 of 1 concurrent jobs" in limited.detail  # the limit still holds
+
+
 def test_slot_queue_grants_in_order_and_skips_dead_waiters(store: RegistryStore, monkeypatch):
     from sage_ray.registry import queue
 
