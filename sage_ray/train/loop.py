@@ -175,8 +175,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         result = run_figures(trainer, output, progress, elapsed)
         result.update(dataset={**dataset.summary(), **stats.as_dict()}, workers=context.get_world_size(),
                       device="cuda" if on_gpu else "cpu")
+        result = publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
         paths.result.write_text(json.dumps(result, indent=2))
-        publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
 
 
 def make_callbacks(task_id: str, paths: TaskPaths, rank0: bool, sage_home: str):

@@ -34,13 +34,16 @@ def checkpoint_location(task_id: str, paths: TaskPaths) -> tuple[str, Any]:
     return path, fs
 
 
-def publish_run(paths: TaskPaths, result: dict[str, Any]) -> None:
-    """On the first worker after training: share the adapter and the run's figures."""
+def publish_run(paths: TaskPaths, result: dict[str, Any]) -> dict[str, Any]:
+    """On the first worker after training: share the adapter and the run's figures; returns
+    the figures with the shared adapter's size (what train_result.json records)."""
     root = storage.task_uri(paths.task_id)
     if root is None:
-        return
+        return result
     manifest = storage.upload_dir(paths.lora, storage.join(root, "lora"))
-    storage.write_json(storage.join(root, RESULT), {**result, "lora_bytes": manifest["total_bytes"]})
+    result = {**result, "lora_bytes": manifest["total_bytes"]}
+    storage.write_json(storage.join(root, RESULT), result)
+    return result
 
 
 def run_result(paths: TaskPaths) -> dict[str, Any]:

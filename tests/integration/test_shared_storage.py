@@ -12,6 +12,7 @@ real cluster, never as variables).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     still = {a["kind"]: a for a in jobs._call("list_artifacts", task_id=task_id)}
     assert still["lora"]["uri"] == artifacts["lora"]["uri"] and still["lora"]["size_bytes"] is None
     assert still["merged"]["uri"] == artifacts["merged"]["uri"]
+    meta = json.loads((task_dir / "finetune_meta.json").read_text())
+    assert meta["lora_uri"] == artifacts["lora"]["uri"] and meta["merged_uri"] == artifacts["merged"]["uri"]
+    assert meta["lora_bytes"] == storage.read_manifest(meta["lora_uri"])["total_bytes"] > 0
 
     # What the LLM replica does on its node: resolve through the registry, fetch, verify, load.
     serving = ServingRegistry(StudioSettings(sage_home=str(home)))
