@@ -28,3 +28,4 @@ def s3_server():
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+

@@ -3,7 +3,9 @@
 `ray.cluster_utils.Cluster` starts a head ({"sage_studio": 1}: registry, Serve's controller and
 proxy), a "train" node ({"sage_train": 2}, 2 CPUs) and a "serve" node ({"sage_serve": 1} plus a
 GPU-like {"gpu_slot": 1} for the sharing policy). This module starts and stops its own
-cluster (not the session's), with auth disabled and its own short temp dir.
+cluster (not the session's), with auth disabled and its own short temp dir. Models go
+between nodes through SAGE_STORAGE on a local S3 server (moto's), as between machines that
+share no disk.
 
 The fine-tunes run through `finetune(cfg)` from this driver, not Ray Jobs: a cluster_utils
 head has no job agent set up for `ray job submit` on free ports, and placement is decided by
@@ -25,6 +27,7 @@ import httpx
 import pytest
 
 from tests.ray_cluster import free_port
+from tests.s3_storage import use_s3_storage
 
 pytestmark = pytest.mark.ray
 APP = "studio"
@@ -44,7 +47,7 @@ def actor_nodes(class_part: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def multinode(tmp_path_factory: pytest.TempPathFactory):
+def multinode(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
     import ray
 
     home = tmp_path_factory.mktemp("sage_home_multinode")
@@ -54,13 +57,13 @@ def multinode(tmp_path_factory: pytest.TempPathFactory):
     session = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     ray.shutdown()
     try:
-        yield from _multinode_cluster(home, temp_dir)
+        yield from _multinode_cluster(home, temp_dir, s3_server)
     finally:
         if session:
             ray.init(address=session, log_to_driver=False)
 
 
-def _multinode_cluster(home, temp_dir):
+def _multinode_cluster(home, temp_dir, s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -74,6 +77,9 @@ def _multinode_cluster(home, temp_dir):
         env.setenv("SAGE_HOME", str(home))
         env.setenv("SAGE_TRAIN_RESOURCES", json.dumps({"sage_train": 1}))
         env.delenv("RAY_ADDRESS", raising=False)
+        # nodes share this machine's disk, so SAGE_HOME alone would hide what another node lacks:
+        # models travel through an S3 bucket as they do between machines without a shared disk
+        s3 = use_s3_storage(env, s3_server, home)
         # No node_ip_address="127.0.0.1": ray.init maps a loopback address to the machine's IP,
         # where an in-process node's GCS bound to loopback does not answer.
         ports = {"temp_dir": temp_dir, "include_dashboard": True,
@@ -88,7 +94,8 @@ def _multinode_cluster(home, temp_dir):
             ray.init(address=cluster.address, log_to_driver=False)
             registry = get_registry(home)
             yield SimpleNamespace(home=home, registry=registry, head=node_with("sage_studio"),
-                                  train=node_with("sage_train"), serve=node_with("sage_serve"), cluster=cluster)
+                                  train=node_with("sage_train"), serve=node_with("sage_serve"), cluster=cluster,
+                                  s3=s3)
         finally:
             _stop_serve()
             ray.shutdown()
@@ -172,10 +179,12 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     assert result.meta["metrics"]["workers"] == 2
     assert set(actor_nodes("RayTrainWorker")) == {multinode.train}  # both workers, only there
 
-    # the registry, on the head, lists the adapter the train node wrote
+    # the registry, on the head, lists the adapter the train node wrote, with its shared copy
     assert actor_nodes("RegistryActor") == [multinode.head]
     artifacts = ray.get(multinode.registry.list_artifacts.remote(task_id="mn-train"))
     assert [a["kind"] for a in artifacts] == ["lora"]
+    assert artifacts[0]["uri"] == f"s3://{multinode.s3.bucket}/sage/studio_finetune/mn-train/lora"
+    shutil.rmtree(result.paths.lora)  # only the train node had it: the serve node must fetch it
 
     client = deploy(multinode.home, studio_port, llm_resources={"sage_serve": 1})
     [replica] = llm_replicas()
@@ -184,6 +193,8 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     assert response.status_code == 200 and response.json()["message"] == "switched and active", response.text
     adapter = artifacts[0]["name"]
     assert chat(client)["model"] == adapter
+    served = client.get("/api/finetune/current-model").json()
+    assert Path(served["path"]).parent == multinode.home / "cache"  # fetched and verified on the serve node
 
     # the replica dies: Serve brings one back on the serving node group, with the declared model
     started = time.monotonic()
@@ -194,6 +205,7 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     current = wait_for(lambda: (c := client.get("/api/finetune/current-model").json()).get("state") == "active"
                        and c, 120, "the new replica to serve")
     assert current["name"] == adapter and chat(client)["model"] == adapter
+    assert current["path"] == served["path"]  # the new replica found it in the node's cache
     print(f"replica killed -> serving {adapter} again on the serve node: {time.monotonic() - started:.1f} s")
 
 

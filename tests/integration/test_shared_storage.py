@@ -24,30 +24,15 @@ from sage_ray.serve.engines import create_engine
 from sage_ray.serve.engines.base import SamplingParams, complete
 from sage_ray.serve.model_registry import ServingRegistry
 from sage_ray.serve.settings import StudioSettings
+from tests.s3_storage import use_s3_storage
 
 pytestmark = pytest.mark.ray
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def shared_storage(s3_server: str, ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """SAGE_STORAGE pointing at a fresh bucket; a boto3 client on the side to look inside."""
-    import boto3
-
-    credentials = tmp_path / "aws_credentials"
-    credentials.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "SAGE_CACHE_MAX_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("SAGE_S3_ENDPOINT", s3_server)
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    client.bucket = f"sage-shared-{tmp_path.name[-8:].lower().replace('_', '-')}"
-    client.create_bucket(Bucket=client.bucket)
-    monkeypatch.setenv("SAGE_STORAGE", f"s3://{client.bucket}/sage")
-    return client
+def shared_storage(s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return use_s3_storage(monkeypatch, s3_server, tmp_path)
 
 
 def keys(client, prefix: str) -> set[str]:
