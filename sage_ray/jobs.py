@@ -23,8 +23,8 @@ from sage_ray import cluster, storage
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.placement import TRAIN_RESOURCES_ENV
 from sage_ray.registry.queue import LIMIT_ENV, concurrency_limit
-from sage_ray.registry.store import TERMINAL
 from sage_ray.registry import taskfiles
+from sage_ray.registry.store import TERMINAL
 from sage_ray.registry.taskfiles import task_paths
 from sage_ray.train import publish
 

@@ -212,4 +212,3 @@ def ray_actor_alive(actor_id: str) -> bool:
     except Exception:  # an id from an earlier cluster, unknown to this GCS
         return False
     return bool(info) and info.get("State") == "ALIVE"
-

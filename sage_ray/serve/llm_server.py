@@ -68,6 +68,8 @@ class LLMServer:
         self._engine_options = {"gpu_memory_utilization": user_config.get(
             "gpu_memory_utilization", self.settings.gpu_memory_utilization)}
         ref = str(user_config.get("model") or self.settings.model)
+        if self.active is None and self.declared is None and self.settings.gpu_policy == "release":
+            await self._inherit_loans()
         switch = self._declare(ref, int(user_config.get("version") or 0))
         if switch is not None and self.active is None:
             await switch
@@ -291,6 +293,27 @@ class LLMServer:
             engine._locked(move)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    async def _inherit_loans(self) -> None:
+        """A replica started while its node's GPU is lent (the previous one died mid-job) keeps
+        the loan: loading the model onto the GPU under a running fine-tune would run both out of
+        memory. The transformers engine then loads on CPU; vLLM waits for the job to end."""
+        from sage_ray.registry.store import TERMINAL
+
+        try:
+            serving = await asyncio.to_thread(self.registry.call, "get_serving") or {}
+        except Exception:  # no registry yet: nothing can have been lent
+            return
+        gpu = serving.get("gpu") or {}
+        if gpu.get("node_id") != _runtime().get_node_id() or gpu.get("app") != serve.get_replica_context().app_name:
+            return
+        for task_id in gpu.get("lent_to") or []:
+            job = await asyncio.to_thread(self.registry.call, "get_job", task_id)
+            if job is not None and job["status"] not in TERMINAL:
+                self.lent_to.add(task_id)
+        if self.lent_to:
+            log.info("LLMServer: starting with the GPU still lent to %s", sorted(self.lent_to))
+            self._unloaded_for_lending = self.engine_kind != "hf"
 
     async def _reclaim_from_finished_jobs(self) -> None:
         """A borrower whose job ended without handing the GPU back (its driver died) loses it."""

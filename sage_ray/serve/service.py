@@ -125,7 +125,7 @@ class StudioService:
         it answers. A model that fails to load leaves the old one serving: 422 with the error."""
         try:
             artifact = self.registry.artifact(ref)
-            spec_of(artifact, fetch=False)  # the folder (or its shared copy) and an adapter's base are there
+            spec_of(artifact, fetch=False)  # its folder (an adapter's base too) or its shared copy is there
         except Exception as err:
             raise user_error(err) from None
         name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path

@@ -10,6 +10,7 @@ from typing import Any
 from sage_ray import storage
 from sage_ray.paths import TaskPaths
 from sage_ray.registry.store import now_iso
+from sage_ray.train.publish import artifact_uri
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -27,8 +28,6 @@ def read_meta(paths: TaskPaths) -> dict[str, Any]:
 
 def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_path: str,
                result: dict, started_at: str, device: str, memory_estimate_gib: float) -> dict[str, Any]:
-    from sage_ray.train.publish import artifact_uri
-
     merged = paths.merged.is_dir()
     shared = storage.task_uri(paths.task_id)
     return {

@@ -9,6 +9,7 @@ every function here is a no-op and paths stay local: the single-machine default.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ def artifact_uri(task_id: str, folder: str) -> str | None:
     return storage.join(root, folder) if root else None
 
 
-def checkpoint_location(task_id: str, paths: TaskPaths) -> tuple[str, Any]:
+def checkpoint_location(paths: TaskPaths) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: the shared task URI, so
     a resumed run finds its checkpoints from any node; else the local task folder."""
-    root = storage.task_uri(task_id)
+    root = storage.task_uri(paths.task_id)
     if root is None:
         return str(paths.dir), None
     fs, path = storage.filesystem(root)
@@ -49,8 +50,6 @@ def publish_run(paths: TaskPaths, result: dict[str, Any]) -> dict[str, Any]:
 def run_result(paths: TaskPaths) -> dict[str, Any]:
     """train_result.json from the task folder here, else the copy the first worker shared
     (it ran on another node)."""
-    import json
-
     if paths.result.is_file():
         return json.loads(paths.result.read_text())
     root = storage.task_uri(paths.task_id)

@@ -122,7 +122,7 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     from sage_ray.train.loop import train_loop_per_worker
 
     resources = per_worker(cfg.cpus_per_worker, bool(cfg.use_gpu), train_resources())
-    storage_path, storage_fs = checkpoint_location(cfg.name, paths)
+    storage_path, storage_fs = checkpoint_location(paths)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),

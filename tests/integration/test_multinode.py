@@ -258,6 +258,31 @@ def test_gpu_policy_with_fractional_resources(multinode, studio_port, chat_data)
     assert serving["gpu"]["lent_to"] == [] and serving["state"] == "active" and serving["declared"] == "tiny"
     assert chat(client)["choices"][0]["message"]["content"] is not None
 
+    # A replica that dies while its GPU is lent comes back still lent (a transformers model then
+    # loads on CPU, not under the running fine-tune) and takes the GPU back when the job ends.
+    # The borrower is a job record in the state a running fine-tune's has: all the replica reads.
+    from sage_ray.placement import borrow_gpu
+
+    ray.get(multinode.registry.create_job.remote("loan-held", config={"num_workers": 1}))
+    ray.get(multinode.registry.update_job.remote("loan-held", status="training"))
+    borrow_gpu({"app": APP}, "loan-held")
+    old = ray.get(multinode.registry.get_serving.remote())["gpu"]
+    assert old["lent_to"] == ["loan-held"]
+    [replica] = llm_replicas()
+    ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
+
+    def new_replica_record() -> dict | None:
+        serving = ray.get(multinode.registry.get_serving.remote()) or {}
+        fresh = (serving.get("gpu") or {}).get("actor_id") not in (None, old["actor_id"])
+        return serving if fresh and serving.get("state") == "active" else None
+
+    serving = wait_for(new_replica_record, 180, "the restarted LLM replica to serve")
+    assert serving["gpu"]["lent_to"] == ["loan-held"] and serving["declared"] == "tiny"
+    assert chat(client)["choices"][0]["message"]["content"] is not None  # it answers meanwhile
+    ray.get(multinode.registry.update_job.remote("loan-held", status="completed"))
+    wait_for(lambda: (ray.get(multinode.registry.get_serving.remote())["gpu"]["lent_to"] == []), 60,
+             "the replica to take its GPU back after the job ended")
+
 
 def report_autoscaling_config(groups: dict[str, tuple[dict[str, float], int]]) -> None:
     """Tell the GCS what an autoscaler could start, as a running autoscaler reports it:
