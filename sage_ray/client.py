@@ -89,6 +89,7 @@ class Model:
     active: bool = False
     created_at: str | None = None
     size_bytes: int | None = None
+    uri: str | None = None  # its shared copy (SAGE_STORAGE), fetched by nodes without `path`
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
