@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 TRAIN_RESOURCES_ENV = "SAGE_TRAIN_RESOURCES"
 AUTOSCALING_CONFIG_ENV = "SAGE_AUTOSCALING_CONFIG"
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the launcher config on the head
+AUTOSCALING_CONFIG_FLAG = "--autoscaling-config="  # on the command line of the head's autoscaler
 GpuPolicy = Literal["none", "wait", "release"]
 CHAT_HOLDS_GPU = "waiting for GPU held by the chat model"
 EPSILON = 1e-6
@@ -151,17 +151,32 @@ def autoscaler_ceiling() -> dict[str, float] | None:
     A node group at 0 nodes (cluster.yaml's GPU groups) shows none of its resources until
     something waits for them, so the queue and the device choice must count what it can add.
     Read from the config an autoscaler reported to the GCS (as Ray Data reads it), else from the
-    launcher config `ray up` leaves on the head (SAGE_AUTOSCALING_CONFIG names another file)."""
+    launcher config the head's autoscaler runs with (`ray up` gives it ~/ray_bootstrap_config.yaml;
+    this runs on the head: the registry and job drivers do), or the file SAGE_AUTOSCALING_CONFIG names."""
     from_gcs = _ceiling_from_gcs()
     if from_gcs:
         return from_gcs
-    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
+    path = os.environ.get(AUTOSCALING_CONFIG_ENV) or running_autoscaler_config()
+    if not path:
+        return None
     try:
         import yaml
 
-        return ceiling_of_launcher_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        return ceiling_of_launcher_config(yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {})
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return None
+
+
+def running_autoscaler_config() -> str | None:
+    """The launcher config of an autoscaler running on this machine (Ray's monitor process,
+    started with --autoscaling-config=PATH), or None when none runs here."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        for part in proc.info["cmdline"] or ():
+            if part.startswith(AUTOSCALING_CONFIG_FLAG):
+                return part[len(AUTOSCALING_CONFIG_FLAG):]
+    return None
 
 
 def ceiling_of_launcher_config(config: dict[str, Any]) -> dict[str, float] | None:

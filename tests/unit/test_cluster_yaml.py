@@ -136,7 +136,11 @@ def test_commands_are_valid_bash(config: dict):
 
 def test_the_queue_sees_what_the_autoscaler_can_start(config: dict, tmp_path: Path, monkeypatch):
     """Its GPU groups start at 0 nodes: the job queue and the GPU choice read their ceiling from
-    the launcher config `ray up` leaves on the head (here: this file, at SAGE_AUTOSCALING_CONFIG)."""
+    the launcher config the head's autoscaler runs with (its --autoscaling-config), here a
+    process started with this file, or from the file SAGE_AUTOSCALING_CONFIG names."""
+    import subprocess
+    import sys
+
     from sage_ray.placement import AUTOSCALING_CONFIG_ENV, autoscaler_ceiling, ceiling_of_launcher_config
 
     types = config["available_node_types"]
@@ -145,7 +149,17 @@ def test_the_queue_sees_what_the_autoscaler_can_start(config: dict, tmp_path: Pa
     assert ceiling["sage_serve"] == types["gpu_serve"]["max_workers"]
     assert ceiling["GPU"] == types["gpu_train"]["max_workers"] + types["gpu_serve"]["max_workers"]
     assert ceiling["sage_studio"] == 1  # the head itself
+    monkeypatch.delenv(AUTOSCALING_CONFIG_ENV, raising=False)
+    assert autoscaler_ceiling() is None  # no autoscaler here: the nodes there are all there will be
+
+    monitor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                f"--autoscaling-config={CLUSTER_YAML}"])
+    try:
+        assert autoscaler_ceiling() == ceiling
+    finally:
+        monitor.kill()
+        monitor.wait()
     monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(CLUSTER_YAML))
     assert autoscaler_ceiling() == ceiling
     monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(tmp_path / "absent.yaml"))
-    assert autoscaler_ceiling() is None  # no autoscaler: the nodes there are all there will be
+    assert autoscaler_ceiling() is None
