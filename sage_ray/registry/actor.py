@@ -52,8 +52,9 @@ class RegistryActor:
                 log.exception("registry discovery at start failed; records in the store are still served")
 
     def info(self) -> dict[str, Any]:
-        """Where this registry keeps its state, and which process serves it."""
-        return {"sage_home": str(self.sage_home), "db_path": str(self.store.db_path), "pid": os.getpid()}
+        """Where this registry keeps its state, and which process (on which node) serves it."""
+        return {"sage_home": str(self.sage_home), "db_path": str(self.store.db_path), "pid": os.getpid(),
+                "node_id": _node_id()}
 
     def discover(self, prune: bool = True) -> int:
         """Register what discovery finds on disk; return how many artifacts it found. With
@@ -140,6 +141,10 @@ class RegistryActor:
     def write_config(self, task_id: str, text: str) -> str:
         return taskfiles.write_config(self._paths(task_id), text)
 
+    def append_log(self, task_id: str, text: str) -> None:
+        """Lines of train.log from a worker on another node, into the task's log here."""
+        taskfiles.append_log(self._paths(task_id).train_log, text)
+
     def read_log(self, task_id: str, offset: int = 0) -> tuple[str, int]:
         """Whole lines of the task's train.log from byte `offset`, and the offset after them."""
         return taskfiles.read_chunk(self._paths(task_id).train_log, offset)
@@ -218,3 +223,12 @@ def get_registry(sage_home: str | os.PathLike | None = None, *, name: str = ACTO
             f"not {home}; use that SAGE_HOME, or replace the actor: "
             f"ray.kill(ray.get_actor({name!r}, namespace={namespace!r})) (its records stay in its registry.db)")
     return handle
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # the class is also used in-process, without Ray
+        return None

@@ -30,6 +30,13 @@ def write_config(paths: TaskPaths, text: str) -> str:
     return str(path)
 
 
+def append_log(log_path: Path, text: str) -> None:
+    """Add whole lines to a task's train.log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
 def read_chunk(path: Path, offset: int, max_bytes: int = MAX_CHUNK) -> tuple[str, int]:
     """Whole lines of `path` from byte `offset`: (text, next offset). A line still being
     written stays for the next call, so a follower never prints half a line."""

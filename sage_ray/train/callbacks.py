@@ -13,6 +13,8 @@ from typing import Callable
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from sage_ray.registry.taskfiles import append_log
+
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
@@ -85,10 +87,10 @@ class ProgressCallback(TrainerCallback):
 
 
 class LogSink:
-    """Writes progress events as readable lines to stdout (the Ray job log) and train.log."""
+    """Writes progress events as readable lines through `log` (write_log's signature)."""
 
-    def __init__(self, log_path: Path):
-        self.log_path = log_path
+    def __init__(self, log: Callable[..., None]):
+        self.log = log
 
     def __call__(self, event: dict) -> None:
         line = (
@@ -96,17 +98,20 @@ class LogSink:
             f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} "
             f"tokens/s {event['tokens_per_s'] or '-'} eta {format_eta(event['eta_s'])}"
         )
-        write_log(self.log_path, line, event)
+        self.log(line, event)
 
 
 def write_log(log_path: Path, line: str, event: dict | None = None) -> None:
     """One line to stdout and train.log; events also as JSON so tools can parse progress."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    append_log(log_path, log_text(line, event))
+
+
+def log_text(line: str, event: dict | None = None) -> str:
+    """What `line` (and `event`) add to train.log, echoed to stdout (the Ray job log) too."""
     # not print(): Ray Train patches print on workers to both log and echo, doubling each line
     sys.stdout.write(f"[sage-ray] {line}\n")
     sys.stdout.flush()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.writelines(f"{stamp} {part}\n" for part in line.splitlines())
-        if event is not None:
-            f.write(f"{stamp} EVENT {json.dumps(event)}\n")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    text = "".join(f"{stamp} {part}\n" for part in line.splitlines())
+    return text + (f"{stamp} EVENT {json.dumps(event)}\n" if event is not None else "")
+

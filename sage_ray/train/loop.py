@@ -21,9 +21,9 @@ from sage_ray.config import TrainConfig
 from sage_ray.data import load_dataset
 from sage_ray.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_examples
 from sage_ray.paths import TaskPaths
-from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback, write_log
+from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
 from sage_ray.train.publish import publish_run
-from sage_ray.train.tracking import FanOut, RegistrySink
+from sage_ray.train.tracking import FanOut, RegistrySink, TaskLog
 
 
 class _ListDataset(TorchDataset):
@@ -146,14 +146,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     on_gpu = torch.cuda.is_available() and bool(cfg.use_gpu)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
+    # only the first worker writes the log (TaskLog: the file, or the head's copy from another node)
+    log = TaskLog.for_worker(paths, loop_config["sage_home"]) if rank0 else TaskLog(paths)
     tokenizer = load_tokenizer(loop_config["model_dir"])
     dataset, items, stats = prepare_data(cfg, tokenizer)
     if rank0:
-        write_log(paths.train_log, f"dataset {dataset.path}: {dataset.format}, " + ", ".join(
-            f"{k} {v}" for k, v in stats.as_dict().items()))
+        log(f"dataset {dataset.path}: {dataset.format}, " + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
     model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
 
-    progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"])
+    progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"], log)
     with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
         trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
                           train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if checkpoint is not None:
             resume = os.path.join(checkpoint.to_directory(), CHECKPOINT_SUBDIR)
             if rank0:
-                write_log(paths.train_log, f"resuming from {resume}")
+                log(f"resuming from {resume}")
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         elapsed = time.perf_counter() - started
@@ -177,13 +178,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       device="cuda" if on_gpu else "cpu")
         result = publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
         paths.result.write_text(json.dumps(result, indent=2))
+    log.flush()
 
 
-def make_callbacks(task_id: str, paths: TaskPaths, rank0: bool, sage_home: str):
+def make_callbacks(task_id: str, paths: TaskPaths, rank0: bool, sage_home: str, log: TaskLog):
     """Progress (log, and registry from the first worker), checkpoints to Ray, TensorBoard."""
     from transformers.integrations import TensorBoardCallback
 
-    sink = LogSink(paths.train_log)
+    sink = LogSink(log)
     if rank0:
         sink = FanOut(sink, RegistrySink(task_id, sage_home))
     progress = ProgressCallback(sink)

@@ -165,6 +165,43 @@ class RegistrySink:
         self._last = self.registry.report_progress.remote(self.task_id, event)
 
 
+class TaskLog:
+    """How a worker writes the task's train.log: into the file when it runs on the registry's
+    node; from any other node through the registry actor, which appends the lines (in order:
+    the actor is serial) where `sage finetune logs` and the Studio read them. A node that
+    shares no disk with the head would otherwise keep its lines to itself."""
+
+    def __init__(self, paths: TaskPaths, registry=None):
+        self.paths = paths
+        self.registry = registry  # None: write the file here
+        self._last = None
+
+    @classmethod
+    def for_worker(cls, paths: TaskPaths, sage_home: str) -> "TaskLog":
+        import ray
+
+        from sage_ray.registry import get_registry
+
+        registry = get_registry(sage_home)
+        node = ray.get(registry.info.remote()).get("node_id")
+        return cls(paths, None if node in (None, ray.get_runtime_context().get_node_id()) else registry)
+
+    def __call__(self, line: str, event: dict | None = None) -> None:
+        from sage_ray.train.callbacks import log_text, write_log
+
+        if self.registry is None:
+            write_log(self.paths.train_log, line, event)
+        else:
+            self._last = self.registry.append_log.remote(self.paths.task_id, log_text(line, event))
+
+    def flush(self, timeout_s: float = 30) -> None:
+        """Wait until the lines sent so far are written (before the worker exits)."""
+        import ray
+
+        if self._last is not None:
+            ray.wait([self._last], timeout=timeout_s)
+
+
 class FanOut:
     """Calls every sink with each event."""
 

@@ -179,6 +179,26 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     assert result.meta["metrics"]["workers"] == 2
     assert set(actor_nodes("RayTrainWorker")) == {multinode.train}  # both workers, only there
 
+    # the train node's log lines reach the head's train.log through the registry actor (the
+    # nodes share this machine's disk, so here a marker line shows the route they take)
+    log = result.paths.train_log.read_text()
+    assert "dataset " in log and "step 2/2" in log
+
+    def write_from_node(paths, home: str, line: str) -> bool:
+        from sage_ray.train.tracking import TaskLog
+
+        task_log = TaskLog.for_worker(paths, home)
+        task_log(line)
+        task_log.flush()
+        return task_log.registry is not None  # True: sent through the registry actor
+
+    remote = ray.remote(write_from_node)
+    for node, resource, routed in ((multinode.train, "sage_train", True), (multinode.head, "sage_studio", False)):
+        line = f"marker from node {node[:8]}"
+        assert ray.get(remote.options(num_cpus=0, resources={resource: 0.01}).remote(
+            result.paths, str(multinode.home), line)) is routed
+        assert line in result.paths.train_log.read_text()
+
     # the registry, on the head, lists the adapter the train node wrote, with its shared copy
     assert actor_nodes("RegistryActor") == [multinode.head]
     artifacts = ray.get(multinode.registry.list_artifacts.remote(task_id="mn-train"))
