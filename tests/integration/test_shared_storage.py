@@ -31,7 +31,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def shared_storage(s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def shared_storage(ray_cluster, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The storage settings, set after the cluster started: they reach the job only by forwarding."""
     return use_s3_storage(monkeypatch, s3_server, tmp_path)
 
 
