@@ -15,6 +15,7 @@ from typing import Any
 
 from sage_ray import storage
 from sage_ray.paths import TaskPaths
+from sage_ray.registry.discovery import ADAPTER_CONFIG
 
 RESULT = "train_result.json"
 
@@ -63,7 +64,7 @@ def run_result(paths: TaskPaths) -> dict[str, Any]:
 def local_adapter(paths: TaskPaths) -> Path:
     """The task's adapter folder on this machine: its own lora/, else fetched from storage."""
     uri = artifact_uri(paths.task_id, "lora")
-    if (paths.lora / "adapter_config.json").is_file() or uri is None:
+    if (paths.lora / ADAPTER_CONFIG).is_file() or uri is None:
         return paths.lora
     return storage.fetch(uri)
 
