@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from sage_ray.config import TrainConfig
+from sage_ray.registry.status import JobStatus
 
 console = Console(stderr=True)
 
@@ -117,7 +118,7 @@ def follow_job(task_id: str) -> dict:
                TextColumn("{task.fields[state]}"))
     stop = threading.Event()
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(task_id, total=None, loss="-", rate="-", eta="-", state="queued")
+        bar = progress.add_task(task_id, total=None, loss="-", rate="-", eta="-", state=JobStatus.QUEUED)
 
         def show(job: dict) -> None:
             loss = f"{job['loss']:.4f}" if job.get("loss") is not None else "-"
@@ -131,7 +132,7 @@ def follow_job(task_id: str) -> dict:
         finally:
             stop.set()
             printer.join(timeout=3)
-    if job["status"] != "completed":
+    if job["status"] != JobStatus.COMPLETED:
         reason = job.get("error") or job.get("status_detail") or job["status"]
         fail(f"task {task_id} {job['status']}: {reason}\nlog: sage finetune logs {task_id}")
     model = jobs_call(jobs.model_of, task_id)
@@ -140,12 +141,12 @@ def follow_job(task_id: str) -> dict:
     return job
 
 
-def local_registry():
-    """The registry read in this process (same code and store as the actor): no cluster needed."""
-    from sage_ray.paths import sage_home
-    from sage_ray.registry import RegistryActor
+def local_registry(address: str | None = None):
+    """The registry for reading: the cluster's actor when one runs, else registry.db opened
+    read-only (registry.client.reader). Never writes: the actor is the store's one writer."""
+    from sage_ray.registry.client import reader
 
-    return RegistryActor(str(sage_home()))
+    return reader(address)
 
 
 def status_text(job: dict) -> str:
@@ -153,26 +154,19 @@ def status_text(job: dict) -> str:
     return f"{job['status']} ({detail})" if detail else job["status"]
 
 
-def job_finished(task_id: str) -> bool:
-    from sage_ray.paths import sage_home
-    from sage_ray.registry import TERMINAL, RegistryStore
-    from sage_ray.registry.actor import DB_NAME
-
-    job = RegistryStore(sage_home() / DB_NAME).get_job(task_id)
-    return job is None or job["status"] in TERMINAL
-
-
-def follow_file(path, until=None, poll_s: float = 0.5) -> None:
-    """Print a file; with `until`, keep printing what is appended until `until()` is true."""
+def follow_log(registry, task_id: str, text: str, offset: int, follow: bool, poll_s: float = 0.5) -> None:
+    """Print the log text read so far; with `follow`, what is appended until the job has ended."""
     import sys
 
-    with open(path, encoding="utf-8") as f:
-        while True:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-            if until is None or until():
-                sys.stdout.write(f.read())
+    from sage_ray.registry.status import TERMINAL
+
+    while True:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        job = registry.get_job(task_id) if follow else None
+        finished = not follow or job is None or job["status"] in TERMINAL
+        text, offset = registry.read_log(task_id, offset)
+        if not text:
+            if finished:
                 return
             time.sleep(poll_s)

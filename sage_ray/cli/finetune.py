@@ -10,7 +10,7 @@ import typer
 
 from rich.console import Console
 
-from sage_ray.cli.common import (console, fail, follow_file, follow_job, job_finished, jobs_call, local_registry,
+from sage_ray.cli.common import (console, fail, follow_job, follow_log, jobs_call, local_registry,
                                  run_with_progress, status_text)
 from sage_ray.config import TrainConfig, load_train_config, parse_train_config
 
@@ -125,22 +125,17 @@ def show_sample_reply(model_path: Path, prompt: str) -> None:
 
 
 @app.command()
-def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-tune.")) -> None:
-    """Merge a task's LoRA adapter into its base model (writes <task>/merged_model/)."""
-    from sage_ray.paths import TaskPaths
-    from sage_ray.train.callbacks import write_log
-    from sage_ray.train.meta import read_meta
-    from sage_ray.train.publish import merge_task
+def merge(task_id: str = typer.Argument(..., help="Task id of a completed fine-tune."),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else "
+                                                           "the local one, started if none runs).")) -> None:
+    """Merge a task's LoRA adapter into its base model (writes <task>/merged_model/ and registers it)."""
+    from sage_ray import jobs
+    from sage_ray.cluster import ensure_cluster
 
-    try:
-        paths = TaskPaths(task_id)
-        meta = read_meta(paths)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    with console.status(f"merging {paths.lora} into {meta['base_model_path']}"):
-        merge_task(paths, meta["base_model_path"])
-    write_log(paths.train_log, f"merged: {paths.merged}")
-    console.print(f"[green]merged[/]: {paths.merged}")
+    jobs_call(ensure_cluster, address)
+    with console.status(f"merging the adapter of {task_id} into its base model"):
+        model = jobs_call(jobs.merge, task_id)
+    console.print(f"[green]merged[/]: {model['name']} at {model['path']}")
 
 
 @app.command()
@@ -231,13 +226,15 @@ def status(task_id: str = typer.Argument(..., help="Task id.")) -> None:
 @app.command()
 def logs(task_id: str = typer.Argument(..., help="Task id."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends.")) -> None:
-    """Print a job's train.log (progress lines, dataset stats, errors)."""
-    from sage_ray.paths import TaskPaths
+    """Print a job's train.log (progress lines, dataset stats, errors), from any node of the cluster."""
+    from sage_ray.paths import check_task_id
 
     try:
-        path = TaskPaths(task_id).train_log
+        check_task_id(task_id)
     except ValueError as err:
         fail(str(err))
-    if not path.exists():
-        fail(f"no log for {task_id!r} at {path}")
-    follow_file(path, until=(lambda: job_finished(task_id)) if follow else None)
+    registry = local_registry()
+    text, offset = registry.read_log(task_id, 0)
+    if not text and registry.get_job(task_id) is None:
+        fail(f"no log for {task_id!r}: `sage finetune list` shows the task ids")
+    follow_log(registry, task_id, text, offset, follow)

@@ -64,6 +64,16 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer with a chat template (one is given when the model has none): the
+    one training renders with and the Studio previews with."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
 def end_of_turn_tokens(tokenizer) -> list[str]:
     """Texts of the tokens that end a turn: the EOS and any extra stop ids of the tokenizer."""
     texts = [tokenizer.eos_token] if tokenizer.eos_token else []

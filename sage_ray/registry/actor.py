@@ -20,7 +20,8 @@ from sage_ray.paths import sage_home as default_sage_home
 from sage_ray.registry import taskfiles
 from sage_ray.registry.discovery import discover
 from sage_ray.registry.queue import SlotQueue, ray_cluster_state
-from sage_ray.registry.store import (TERMINAL, ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
+from sage_ray.registry.status import RESUMABLE, TERMINAL
+from sage_ray.registry.store import ( ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
                                      RegistryStore)
 
 ACTOR_NAME = "sage_registry"
@@ -62,7 +63,7 @@ class RegistryActor:
         that duplicate a discovered path under an old name (a task merged, then un-merged)."""
         # a task whose job was cancelled or failed may hold a finished-looking folder (a cancel
         # that raced the last write): never register its files as a complete model
-        unfinished = {job["task_id"] for job in self.store.list_jobs(("failed", "cancelled"))}
+        unfinished = {job["task_id"] for job in self.store.list_jobs(RESUMABLE)}
         found = [record for record in discover(self.sage_home) if record.get("task_id") not in unfinished]
         for record in found:
             self.store.upsert_artifact(record)

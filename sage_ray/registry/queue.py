@@ -26,7 +26,8 @@ from datetime import datetime
 from typing import Any, Callable
 
 from sage_ray.placement import autoscaler_ceiling, gpu_conflict, per_worker
-from sage_ray.registry.store import RUNNING, RegistryStore
+from sage_ray.registry.status import ACTIVE, RUNNING, JobStatus
+from sage_ray.registry.store import RegistryStore
 
 WAITING = "waiting for resources"
 LIMIT_ENV = "SAGE_MAX_CONCURRENT_JOBS"
@@ -147,21 +148,21 @@ class SlotQueue:
             return {"granted": False, "status": None, "detail": "no such job"}
         if driver:
             self.drivers[task_id] = driver
-        if job["status"] != "queued":  # cancelled while waiting, or a replayed call that was granted
+        if job["status"] != JobStatus.QUEUED:  # cancelled while waiting, or a replayed call that was granted
             return {"granted": job["status"] in RUNNING, "status": job["status"], "detail": job["status_detail"]}
         self.last_asked[task_id] = now
         available, total, live_drivers = self.cluster_state()
         ceiling = self.ceiling()
-        jobs = store.list_jobs(("queued", *sorted(RUNNING)))
+        jobs = store.list_jobs(ACTIVE)
         order = (job.get("queued_at") or job["created_at"], job["created_at"])
-        ahead = sum(1 for other in jobs if other["status"] == "queued" and other["task_id"] != task_id
+        ahead = sum(1 for other in jobs if other["status"] == JobStatus.QUEUED and other["task_id"] != task_id
                     and (other.get("queued_at") or other["created_at"], other["created_at"]) < order
                     and self._live_waiting(other, now))
         running = [other for other in jobs if other["status"] in RUNNING
                    and self.drivers.get(other["task_id"], "live") in live_drivers | {"live"}]
         claimed: dict[str, float] = {}
         for other in running:
-            if other["status"] == "preparing":  # granted, workers maybe not placed yet
+            if other["status"] == JobStatus.PREPARING:  # granted, workers maybe not placed yet
                 for resource, amount in worker_demand(other.get("config")).items():
                     claimed[resource] = claimed.get(resource, 0.0) + amount
         hold = self._chat_hold(store)
@@ -169,12 +170,12 @@ class SlotQueue:
                           claimed=claimed, total=total, hold=hold, per_node=self.node_state() if hold else None,
                           ceiling=ceiling)
         if decision.granted:
-            store.update_job(task_id, status="preparing", status_detail=decision.detail, only_if=("queued",))
+            store.update_job(task_id, status=JobStatus.PREPARING, status_detail=decision.detail, only_if=(JobStatus.QUEUED,))
             self.last_asked.pop(task_id, None)
-            return {"granted": True, "status": "preparing", "detail": decision.detail, "borrow": decision.borrow}
+            return {"granted": True, "status": JobStatus.PREPARING, "detail": decision.detail, "borrow": decision.borrow}
         if decision.detail != job["status_detail"]:
-            store.update_job(task_id, status_detail=decision.detail, only_if=("queued",))
-        return {"granted": False, "status": "queued", "detail": decision.detail}
+            store.update_job(task_id, status_detail=decision.detail, only_if=(JobStatus.QUEUED,))
+        return {"granted": False, "status": JobStatus.QUEUED, "detail": decision.detail}
 
     def _chat_hold(self, store: RegistryStore) -> dict[str, Any] | None:
         """What the chat model holds under a gpu_policy, from its last serving record; None when

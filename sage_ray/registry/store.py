@@ -17,10 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Iterator, Literal, TypedDict
 
+from sage_ray.registry.status import RUNNING, STATUSES, TERMINAL, JobStatus  # noqa: F401 (re-exported)
+
 KINDS = ("base", "lora", "merged")
-STATUSES = ("queued", "preparing", "training", "merging", "completed", "failed", "cancelled")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
-RUNNING = frozenset({"preparing", "training", "merging"})
 ACTIVE_MODEL_KEY = "active_model"
 SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
@@ -100,7 +99,7 @@ JOB_MUTABLE = frozenset(JobRecord.__annotations__) - {"task_id", "created_at"}
 JSON_FIELDS = frozenset({"target_modules", "metrics", "config", "loss_history"})
 PROGRESS_FIELDS = ("total_steps", "epoch", "progress", "loss", "tokens_per_s", "eta_s")
 _MERGED_FIRST = "CASE kind WHEN 'merged' THEN 0 WHEN 'lora' THEN 1 ELSE 2 END"
-_NOT_TERMINAL = f"status NOT IN ({', '.join(repr(s) for s in sorted(TERMINAL))})"
+_NOT_TERMINAL = f"status NOT IN ({', '.join(repr(str(s)) for s in sorted(TERMINAL))})"
 
 
 def now_iso() -> str:
@@ -137,10 +136,13 @@ def _check_choice(value: Any, choices: Collection[Any], field: str) -> None:
 class RegistryStore:
     """Artifacts, jobs and the active model in SQLite at `db_path`; one connection per thread."""
 
-    def __init__(self, db_path: str | os.PathLike):
+    def __init__(self, db_path: str | os.PathLike, *, read_only: bool = False):
         self.db_path = Path(db_path).expanduser()
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._local = threading.local()
+        if read_only:  # a reader (the CLI without a cluster) never creates, migrates or writes the file
+            return
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         # journal_mode is kept in the file: only the first opener switches it
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -154,12 +156,14 @@ class RegistryStore:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     def __reduce__(self):  # a copy sent to another process opens its own connections
-        return (type(self), (str(self.db_path),))
+        return (_reopen, (type(self), str(self.db_path), self.read_only))
 
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():  # never use a connection across a fork
-            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            target = f"file:{self.db_path}?mode=ro" if self.read_only else self.db_path
+            conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   uri=self.read_only)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # In WAL mode NORMAL keeps every commit through a crash of any process; only a power
@@ -240,13 +244,13 @@ class RegistryStore:
                                  "another model first (POST /api/finetune/switch-model), then delete it")
 
     def create_job(self, task_id: str, *, config: dict[str, Any] | None = None, ray_job_id: str | None = None,
-                   status: str = "queued", status_detail: str | None = None,
+                   status: str = JobStatus.QUEUED, status_detail: str | None = None,
                    log_path: str | None = None) -> JobRecord:
         """Record a new job; refused when the task id is taken."""
         _check_choice(status, STATUSES, "status")
         row = {"task_id": task_id, "ray_job_id": ray_job_id, "config": config, "status": status,
                "status_detail": status_detail, "log_path": log_path, "created_at": now_iso(),
-               "queued_at": now_precise() if status == "queued" else None}
+               "queued_at": now_precise() if status == JobStatus.QUEUED else None}
         with self._write() as conn:
             try:
                 conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -379,13 +383,17 @@ class RegistryStore:
         return json.loads(row["value"]) if row and row["value"] is not None else None
 
 
+def _reopen(cls, db_path: str, read_only: bool) -> "RegistryStore":
+    return cls(db_path, read_only=read_only)
+
+
 def _implied_by_status(current: dict[str, Any], new: str | None) -> dict[str, Any]:
     """What a status change implies; fields the caller gives override it."""
     old = current["status"]
     if new is None or new == old:
         return {}
     implied: dict[str, Any] = {"status_detail": None}
-    if new == "queued":  # back in the queue (resumed): behind the jobs already waiting
+    if new == JobStatus.QUEUED:  # back in the queue (resumed): behind the jobs already waiting
         implied["queued_at"] = now_precise()
     if new in RUNNING and current["started_at"] is None:
         implied["started_at"] = now_iso()

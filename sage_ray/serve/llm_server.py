@@ -301,14 +301,14 @@ class LLMServer:
         from sage_ray.registry.store import TERMINAL
 
         try:
-            serving = await asyncio.to_thread(self.registry.call, "get_serving") or {}
+            serving = await asyncio.to_thread(self.registry.get_serving) or {}
         except Exception:  # no registry yet: nothing can have been lent
             return
         gpu = serving.get("gpu") or {}
         if gpu.get("node_id") != _runtime().get_node_id() or gpu.get("app") != serve.get_replica_context().app_name:
             return
         for task_id in gpu.get("lent_to") or []:
-            job = await asyncio.to_thread(self.registry.call, "get_job", task_id)
+            job = await asyncio.to_thread(self.registry.get_job, task_id)
             if job is not None and job["status"] not in TERMINAL:
                 self.lent_to.add(task_id)
         if self.lent_to:
@@ -320,7 +320,7 @@ class LLMServer:
         from sage_ray.registry.store import TERMINAL
 
         for task_id in sorted(self.lent_to):
-            job = await asyncio.to_thread(self.registry.call, "get_job", task_id)
+            job = await asyncio.to_thread(self.registry.get_job, task_id)
             if job is None or job["status"] in TERMINAL:
                 log.warning("LLMServer: fine-tune %s ended without returning the GPU; taking it back", task_id)
                 await self.reclaim_gpu(task_id)

@@ -9,45 +9,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sage_ray.registry.client import RegistryClient
 from sage_ray.serve.engines.base import ModelSpec
 from sage_ray.serve.resolve import find_artifact, spec_of
 from sage_ray.serve.settings import StudioSettings
 
 
-class ServingRegistry:
+class ServingRegistry(RegistryClient):
     """Registry lookups with the Studio's allowed roots applied."""
 
     def __init__(self, settings: StudioSettings):
+        super().__init__(settings.sage_home)
         self.settings = settings
-        self._handle = None
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            from sage_ray.registry import get_registry
-
-            self._handle = get_registry(self.settings.sage_home)
-        return self._handle
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        import ray
-
-        return ray.get(getattr(self.handle, method).remote(*args, **kwargs))
 
     def find_by_path(self, path: str) -> dict[str, Any] | None:
         wanted = {path, str(Path(path).resolve())}
-        return next((a for a in self.call("list_artifacts") if a["path"] in wanted), None)
+        return next((a for a in self.list_artifacts() if a["path"] in wanted), None)
 
     def artifact(self, ref: str) -> dict[str, Any]:
         """The registry record a name, task id, 'demo'/'tiny' or allowed path names (ModelRefError if none)."""
-        record = find_artifact(ref, get_artifact=lambda name: self.call("get_artifact", name),
-                               get_task_model=lambda task: self.call("get_task_model", task),
+        record = find_artifact(ref, get_artifact=lambda name: self.get_artifact(name),
+                               get_task_model=lambda task: self.get_task_model(task),
                                find_by_path=self.find_by_path, roots=self.settings.roots())
         models = (Path(self.settings.sage_home) / "models").resolve()
         if (record["kind"] == "base" and Path(record["path"]).resolve().parent == models
                 and self.find_by_path(record["path"]) is None):
             # 'demo' and 'tiny' are built into models/ on first use, after the registry's start-up discovery
-            self.call("discover", prune=False)
+            self.discover(prune=False)
             record = self.find_by_path(record["path"]) or record
         return record
 
@@ -56,4 +44,4 @@ class ServingRegistry:
 
     def record_serving(self, state: dict[str, Any]) -> None:
         """Fire and forget: the actor runs one caller's calls in order, and nobody waits on it."""
-        self.handle.set_serving.remote(state)
+        self.set_serving(state)

@@ -92,7 +92,7 @@ class StudioService:
     def list_models(self) -> list[dict[str, Any]]:
         active = (self._serving() or {}).get("active") or {}
         models = []
-        for artifact in self.registry.call("list_artifacts"):
+        for artifact in self.registry.list_artifacts():
             group = "base" if artifact["kind"] == "base" else "finetuned"
             models.append({**artifact, "group": group, "active": artifact["name"] == active.get("name")})
         return sorted(models, key=lambda m: (m["group"] != "base", m.get("created_at") or ""), reverse=False)
@@ -104,18 +104,18 @@ class StudioService:
                 return self.llm.status.remote().result(timeout_s=10)
             except Exception:
                 pass
-        return self.registry.call("get_serving")
+        return self.registry.get_serving()
 
     def current_model(self, serving: dict[str, Any] | None = None) -> dict[str, Any]:
         """What is served: from `serving` (an LLM status just received) or asked now."""
         serving = serving or self._serving()
         if not serving or not serving.get("active"):
-            declared = self.registry.call("get_active_model") or self.settings.model
+            declared = self.registry.get_active_model() or self.settings.model
             state = (serving or {}).get("state") or "not serving"
             return {"name": declared, "kind": None, "path": None, "base_model": None,
                     "state": state if state != "active" else "not serving", "error": (serving or {}).get("error")}
         active = serving["active"]
-        record = self.registry.call("get_artifact", active["name"]) or {}
+        record = self.registry.get_artifact(active["name"]) or {}
         return {"name": active["name"], "kind": active["kind"], "path": active["path"],
                 "base_model": record.get("base_model") or active.get("base_path"),
                 "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
@@ -129,7 +129,7 @@ class StudioService:
         except Exception as err:
             raise user_error(err) from None
         name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
-        self.registry.call("set_active_model", name)
+        self.registry.set_active_model(name)
         version = time.time_ns()
         if self.llm is not None and self.settings.llm_replicas == 1:
             status = self._declare_directly(name, version, wait_s)
@@ -210,7 +210,7 @@ class StudioService:
     def _tokenizer(self):
         """The served base model's tokenizer (its chat template is what training will apply)."""
         from sage_ray.models import resolve_model
-        from sage_ray.train.loop import load_tokenizer
+        from sage_ray.data.tokenize import load_tokenizer
 
         folder = str(resolve_model(self.settings.model, progress=False))
         if folder not in self._tokenizers:
@@ -231,14 +231,12 @@ class StudioService:
 
     def plan_job(self, request: dict[str, Any]) -> dict[str, Any]:
         """The effective config (preset applied) and the memory estimate, before anything starts."""
+        from sage_ray import jobs
         from sage_ray.config import dump_train_config
-        from sage_ray.models import resolve_model
         from sage_ray.presets import GiB
-        from sage_ray.train.trainer import resolve_resources
 
         try:
-            cfg = self._config(request)
-            cfg, device, estimate = resolve_resources(cfg, resolve_model(cfg.model, progress=False))
+            cfg, device, estimate = jobs.plan(self._config(request))
         except Exception as err:
             raise user_error(err) from None
         return {"config": cfg.model_dump(mode="json"), "yaml": dump_train_config(cfg), "device": device.describe(),
@@ -281,23 +279,9 @@ class StudioService:
         return self._jobs("get", self._jobs("resume", task_id))
 
     def merge_job(self, task_id: str) -> dict[str, Any]:
-        """Merge a completed task's adapter into its base and register the merged model."""
-        from sage_ray.paths import TaskPaths
-        from sage_ray.registry import describe_task
-        from sage_ray.train.meta import read_meta
-        from sage_ray.train.publish import merge_task
-
-        try:
-            paths = TaskPaths(task_id)
-            meta = read_meta(paths)
-        except (ValueError, FileNotFoundError) as err:
-            raise ServiceError(404 if isinstance(err, FileNotFoundError) else 400, str(err)) from None
-        if not paths.merged.is_dir():
-            merge_task(paths, meta["base_model_path"])
-        for record in describe_task(paths.dir):
-            self.registry.call("upsert_artifact", record)
-        self.registry.call("discover")  # the adapter's name changes to <task>-lora next to the merged model
-        return self.registry.call("get_task_model", task_id)
+        """Merge a completed task's adapter into its base and register the merged model (a Ray
+        task with its own CPU, not this ingress: see jobs.merge)."""
+        return self._jobs("merge", task_id)
 
     # ---- chat ---------------------------------------------------------------------------
     def chat_request(self, messages: list[dict], model: str | None = None, **params: Any) -> dict[str, Any]:
@@ -311,7 +295,7 @@ class StudioService:
                 artifact = self.registry.artifact(model)
             except Exception as err:
                 raise user_error(err) from None
-            model = artifact["name"] if self.registry.call("get_artifact", artifact["name"]) else artifact["path"]
+            model = artifact["name"] if self.registry.get_artifact(artifact["name"]) else artifact["path"]
         return {"messages": messages, "model": model, **{k: v for k, v in params.items() if v is not None}}
 
     def chat_stream(self, messages: list[dict], model: str | None = None, max_tokens: int = 256,

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from sage_ray.config import TrainConfig
 from sage_ray.data import load_dataset
-from sage_ray.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_examples
+from sage_ray.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_examples
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
 from sage_ray.train.publish import publish_run
@@ -35,14 +35,6 @@ class _ListDataset(TorchDataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ensure_chat_template(tokenizer)
-    return tokenizer
 
 
 def load_lora_model(model_dir: str, cfg: TrainConfig, on_gpu: bool):

@@ -11,6 +11,7 @@ from sage_ray import storage
 from sage_ray.paths import TaskPaths
 from sage_ray.registry.store import now_iso
 from sage_ray.train.publish import artifact_uri
+from sage_ray.registry.status import JobStatus
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -45,7 +46,7 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "checkpoint_dir": storage.join(shared, "checkpoints") if shared else str(paths.checkpoints),
         "log_path": str(paths.train_log),
         "tensorboard_dir": str(paths.logs),
-        "status": "completed",
+        "status": JobStatus.COMPLETED,
         "started_at": started_at,
         "completed_at": now_iso(),
         "config": config,

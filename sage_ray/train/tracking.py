@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from sage_ray.paths import TaskPaths
+from sage_ray.registry.client import RegistryClient
 from sage_ray.registry.queue import WAITING
+from sage_ray.registry.status import ACTIVE, RUNNING, JobStatus
 
 
 def ray_submission_id() -> str | None:
@@ -35,33 +37,14 @@ class Cancelled(BaseException):
     A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
-def _reconnecting_call(holder, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the registry; if its actor was killed (not restarted), get a new one and call again."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    from sage_ray.registry import get_registry
-
-    try:
-        return ray.get(getattr(holder.registry, method).remote(*args, **kwargs))
-    except RayActorError:
-        holder.registry = get_registry(holder.sage_home)
-        return ray.get(getattr(holder.registry, method).remote(*args, **kwargs))
-
-
 class JobTracker:
     """The driver's handle on its job record in the cluster's registry."""
 
     def __init__(self, task_id: str, sage_home: str | Path):
-        from sage_ray.registry import get_registry
-
         self.task_id = task_id
-        self.sage_home = str(sage_home)
-        self.registry = get_registry(sage_home)
+        self.registry = RegistryClient(sage_home)
+        self.registry.info()  # joined now: a registry serving another SAGE_HOME fails here, before training
         self.log_path: Path | None = None
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _reconnecting_call(self, method, *args, **kwargs)
 
     def begin(self, config: dict[str, Any], paths: TaskPaths) -> None:
         """Create the job record (queued), or take over the one `jobs.submit` or a resume made.
@@ -70,13 +53,13 @@ class JobTracker:
         submission = ray_submission_id()
         self.log_path = paths.train_log
         fields = {"config": config, "log_path": str(paths.train_log), "ray_job_id": submission}
-        job = self._call("get_job", self.task_id)
+        job = self.registry.get_job(self.task_id)
         if job is None:
-            self._call("create_job", self.task_id, status="queued", status_detail=WAITING, **fields)
+            self.registry.create_job(self.task_id, status=JobStatus.QUEUED, status_detail=WAITING, **fields)
             return
-        if job["status"] == "cancelled" and submission and job["ray_job_id"] == submission:
+        if job["status"] == JobStatus.CANCELLED and submission and job["ray_job_id"] == submission:
             raise Cancelled(f"job {self.task_id} was cancelled before it started")
-        self._call("update_job", self.task_id, status="queued", error=None, **fields)
+        self.registry.update_job(self.task_id, status=JobStatus.QUEUED, error=None, **fields)
 
     def wait_for_slot(self, need: dict[str, float], limit: int | None, poll_s: float = 1.0) -> dict[str, Any]:
         """Wait in the cluster's queue until the registry grants this job a slot (see registry.queue);
@@ -88,10 +71,10 @@ class JobTracker:
         driver = ray.get_runtime_context().get_job_id()
         said = None
         while True:
-            answer = self._call("acquire_slot", self.task_id, need, limit, driver)
+            answer = self.registry.acquire_slot(self.task_id, need, limit, driver)
             if answer["granted"]:
                 return answer
-            if answer["status"] != "queued":
+            if answer["status"] != JobStatus.QUEUED:
                 raise Cancelled(f"job {self.task_id} is {answer['status']}; not starting it")
             if answer["detail"] != said:
                 said = answer["detail"]
@@ -101,7 +84,7 @@ class JobTracker:
     def _update(self, **fields: Any) -> Any:
         """update_job on this run's own record: once a resume has resubmitted the task, this
         run (under Ray Jobs: its submission id) no longer owns it, and changes nothing."""
-        return self._call("update_job", self.task_id, owner=ray_submission_id(), **fields)
+        return self.registry.update_job(self.task_id, owner=ray_submission_id(), **fields)
 
     def status(self, status: str, **fields: Any) -> None:
         self._update(status=status, **fields)
@@ -112,11 +95,11 @@ class JobTracker:
     def fail(self, error: BaseException) -> None:
         """Record how the run ended early; a status set meanwhile (a cancel) is kept."""
         if isinstance(error, (Cancelled, KeyboardInterrupt)):
-            self._update(status="cancelled", status_detail=str(error) or "stopped",
-                         only_if=("queued", "preparing", "training", "merging"))
+            self._update(status=JobStatus.CANCELLED, status_detail=str(error) or "stopped",
+                         only_if=ACTIVE)
             return
         message = str(error) or type(error).__name__
-        self._update(status="failed", error=message, only_if=("queued", "preparing", "training", "merging"))
+        self._update(status=JobStatus.FAILED, error=message, only_if=ACTIVE)
 
     def complete(self, paths: TaskPaths) -> None:
         """Mark the job completed, then register its artifacts (merged and LoRA).
@@ -125,12 +108,12 @@ class JobTracker:
         finished-looking meta file is removed, and no artifact of it is registered."""
         from sage_ray.registry import describe_task
 
-        done = self._update(status="completed", progress=100.0, only_if=("preparing", "training", "merging"))
+        done = self._update(status=JobStatus.COMPLETED, progress=100.0, only_if=tuple(RUNNING))
         if done is None:
             paths.meta.unlink(missing_ok=True)
             raise Cancelled(f"job {self.task_id} was cancelled before it completed")
         for record in describe_task(paths.dir):
-            self._call("upsert_artifact", record)
+            self.registry.upsert_artifact(record)
 
 
 class RegistrySink:
@@ -142,27 +125,16 @@ class RegistrySink:
     monotonic progress record tolerates."""
 
     def __init__(self, task_id: str, sage_home: str):
-        from sage_ray.registry import get_registry
-
         self.task_id = task_id
-        self.sage_home = sage_home
-        self.registry = get_registry(sage_home)
+        self.registry = RegistryClient(sage_home)
         self._last = None
 
     def __call__(self, event: dict) -> None:
         import ray
-        from ray.exceptions import RayActorError
-
-        from sage_ray.registry import get_registry
 
         if self._last is not None and ray.wait([self._last], timeout=0)[0]:
-            try:
-                ray.get(self._last)
-            except RayActorError:
-                self.registry = get_registry(self.sage_home)
-            except Exception:  # a refused report (e.g. job deleted) must not stop training
-                pass
-        self._last = self.registry.report_progress.remote(self.task_id, event)
+            self.registry.check_sent(self._last)  # a refused report (e.g. job deleted) must not stop training
+        self._last = self.registry.send_progress(self.task_id, event)
 
 
 class TaskLog:
@@ -171,7 +143,7 @@ class TaskLog:
     the actor is serial) where `sage finetune logs` and the Studio read them. A node that
     shares no disk with the head would otherwise keep its lines to itself."""
 
-    def __init__(self, paths: TaskPaths, registry=None):
+    def __init__(self, paths: TaskPaths, registry: RegistryClient | None = None):
         self.paths = paths
         self.registry = registry  # None: write the file here
         self._last = None
@@ -180,10 +152,8 @@ class TaskLog:
     def for_worker(cls, paths: TaskPaths, sage_home: str) -> "TaskLog":
         import ray
 
-        from sage_ray.registry import get_registry
-
-        registry = get_registry(sage_home)
-        node = ray.get(registry.info.remote()).get("node_id")
+        registry = RegistryClient(sage_home)
+        node = registry.info().get("node_id")
         return cls(paths, None if node in (None, ray.get_runtime_context().get_node_id()) else registry)
 
     def __call__(self, line: str, event: dict | None = None) -> None:
@@ -192,7 +162,7 @@ class TaskLog:
         if self.registry is None:
             write_log(self.paths.train_log, line, event)
         else:
-            self._last = self.registry.append_log.remote(self.paths.task_id, log_text(line, event))
+            self._last = self.registry.send_log(self.paths.task_id, log_text(line, event))
 
     def flush(self, timeout_s: float = 30) -> None:
         """Wait until the lines sent so far are written (before the worker exits)."""

@@ -27,6 +27,7 @@ from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
 from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result
 from sage_ray.train.tracking import JobTracker
+from sage_ray.registry.status import JobStatus
 
 
 # Ray Train runs the loop in a secondary thread, which glibc gives its own malloc arena with
@@ -195,7 +196,7 @@ def _train(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker, model_dir: P
     write_log(log, f"training done: {result['steps']} steps, loss {result['final_loss']}, "
                    f"{result['tokens_per_s']} tokens/s")
     if cfg.merge:
-        tracker.status("merging")
+        tracker.status(JobStatus.MERGING)
         write_log(log, f"merging the adapter into {paths.merged}")
         merge_adapter(local_adapter(paths), model_dir, paths.merged)
         if (uri := publish_merged(paths)) is not None:

@@ -14,7 +14,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-ACTIVE_STATUSES = ("queued", "preparing", "training", "merging")
+from sage_ray.registry.status import ACTIVE, RESUMABLE, JobStatus
+
+ACTIVE_STATUSES = ACTIVE  # a job not ended yet
 JOB_COLUMNS = ["id", "model", "status", "progress", "loss", "created"]
 MODEL_COLUMNS = ["active", "name", "type", "base", "size", "created", "metrics"]
 NO_JOBS = "No fine-tune jobs yet — upload a dataset and press **Start fine-tune**."
@@ -331,10 +333,10 @@ def job_actions(job: dict | None) -> dict[str, bool]:
     status = (job or {}).get("status")
     config = (job or {}).get("config") or {}
     return {
-        "chat": status == "completed",
+        "chat": status == JobStatus.COMPLETED,
         "logs": job is not None,
         "cancel": status in ACTIVE_STATUSES,
-        "merge": status == "completed" and not config.get("merge"),
+        "merge": status == JobStatus.COMPLETED and not config.get("merge"),
         "delete": job is not None and status not in ACTIVE_STATUSES,
-        "resume": status in ("failed", "cancelled"),
+        "resume": status in RESUMABLE,
     }

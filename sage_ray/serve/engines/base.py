@@ -130,6 +130,16 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Stop serving and free the model."""
 
+    serves_asleep: bool
+    """True when the engine keeps answering while asleep (slower, off the GPU)."""
+
+    async def sleep(self) -> None:
+        """Give the GPU up (a fine-tune borrows it): move the model off it, or unload it.
+        Idempotent; an engine with `serves_asleep` False refuses requests until `wake`."""
+
+    async def wake(self) -> None:
+        """Take the GPU back: the model (and its adapters) serve from it again. Idempotent."""
+
     @property
     def base_path(self) -> str | None: ...
 
