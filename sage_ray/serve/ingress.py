@@ -34,13 +34,12 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from sage_ray.serve.llm_server import ModelUnavailableError
-    from sage_ray.serve.resolve import ModelRefError
-    from sage_ray.serve.service import ServiceError, user_error
+    from sage_ray.errors import SageError
+    from sage_ray.serve.service import ServiceError
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, err: ServiceError):
-        return _error(err.status, str(err), err.detail)
+        return _error(err.status, str(err), err.detail())
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
@@ -51,16 +50,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
         inner = _unwrap(err)
-        if isinstance(inner, ModelUnavailableError):
-            return _error(503, str(inner))
-        if isinstance(inner, ModelRefError):
-            return _error(inner.status, str(inner))
-        try:
-            mapped = user_error(inner)
-        except Exception:
-            log.exception("StudioIngress: unexpected error")
-            return _error(500, f"internal error: {type(inner).__name__}: {inner}")
-        return _error(mapped.status, str(mapped), mapped.detail)
+        if isinstance(inner, SageError):
+            return _error(inner.http_status, str(inner), inner.detail())
+        log.exception("StudioIngress: unexpected error")
+        return _error(500, f"internal error: {type(inner).__name__}: {inner}")
 
 
 def install_auth(app: FastAPI, settings: StudioSettings) -> None:
