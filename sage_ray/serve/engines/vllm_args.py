@@ -43,12 +43,11 @@ def lora_rank_limit(rank: int) -> int:
     raise EngineError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): retrain with a smaller r")
 
 
-def engine_args(model_path: str, *, gpu_memory: float, max_loras: int, max_lora_rank: int, **extra) -> dict:
+def engine_args(model_path: str, *, gpu_memory: float, max_lora_rank: int, **extra) -> dict:
     """Keyword arguments for vllm's AsyncEngineArgs: LoRA on, the model folder's own tokenizer."""
     return {
         "model": model_path,
         "enable_lora": True,
-        "max_loras": max_loras,
         "max_lora_rank": lora_rank_limit(max_lora_rank),
         "gpu_memory_utilization": gpu_memory,
         **extra,
