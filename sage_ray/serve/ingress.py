@@ -33,7 +33,14 @@ def _unwrap(err: BaseException) -> BaseException:
     return _unwrap(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
+def _problem(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":  # an OpenAI field (or a typo) this server does not implement
+        return "not supported by this server (the README's OpenAI API table lists what is); leave it out"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from sage_ray.serve.engines.base import UnsupportedParamError
     from sage_ray.serve.llm_server import ModelUnavailableError
     from sage_ray.serve.resolve import ModelRefError
     from sage_ray.serve.service import ServiceError, user_error
@@ -44,15 +51,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in err.errors())
-        return _error(400, f"bad request: {problems}")
+        errors = err.errors()
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+        problems = "; ".join(f"{field}: {_problem(e)}" for field, e in zip(fields, errors))
+        return _error(400, f"bad request: {problems}", {"param": fields[0] if fields else None})
+
+    @app.exception_handler(UnsupportedParamError)
+    async def unsupported(_: Request, err: UnsupportedParamError):
+        return _error(400, str(err))
 
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
         inner = _unwrap(err)
         if isinstance(inner, ModelUnavailableError):
             return _error(503, str(inner))
+        if isinstance(inner, UnsupportedParamError):
+            return _error(400, str(inner))
         if isinstance(inner, ModelRefError):
             return _error(inner.status, str(inner))
         try:

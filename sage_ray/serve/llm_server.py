@@ -29,7 +29,8 @@ from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 log = logging.getLogger("ray.serve")
 DECLARE_WAIT_S = 5.0
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "json_schema")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -198,10 +199,9 @@ class LLMServer:
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
+        stream = _reply(engine, spec, request)
         yield {"model": spec.name, "text": "", "finish_reason": None}
-        async for delta in engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                       params=params):
+        async for delta in stream:
             yield asdict(delta)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +209,7 @@ class LLMServer:
         from sage_ray.serve.engines.base import complete
 
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
-        delta = await complete(engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                           params=params))
+        delta = await complete(_reply(engine, spec, request))
         return {"model": spec.name, **asdict(delta)}
 
     async def status(self) -> dict[str, Any]:
@@ -332,6 +330,18 @@ class LLMServer:
             await self._reclaim_from_finished_jobs()
         if self.active is not None and not self._unloaded_for_lending:
             await self.engines[self.active.full_model_path].check_health()
+
+
+def _reply(engine: Engine, spec: ModelSpec, request: dict[str, Any]) -> AsyncIterator:
+    """The engine's stream for a chat request, or for a raw `prompt` (/v1/completions)."""
+    from sage_ray.serve.engines.base import check_supported
+
+    values = {k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None}
+    check_supported(engine, values, raw_prompt="prompt" in request)
+    params, adapter = SamplingParams(**values), spec.name if spec.kind == "lora" else None
+    if "prompt" in request:
+        return engine.generate(request["prompt"], adapter=adapter, params=params)
+    return engine.chat(request["messages"], adapter=adapter, params=params)
 
 
 def _runtime():

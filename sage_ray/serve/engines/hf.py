@@ -23,10 +23,11 @@ from typing import AsyncIterator
 
 import torch
 
-from sage_ray.inference import encode_chat, stop_token_ids
+from sage_ray.inference import stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
-from sage_ray.serve.engines.artifacts import folder_stamp
+from sage_ray.serve.engines.artifacts import folder_stamp, pad_id
 from sage_ray.serve.engines.base import BASE_ADAPTER, Delta, EngineError, ModelSpec, SamplingParams
+from sage_ray.serve.engines.grammar import TokenViews
 from sage_ray.serve.engines.hf_batch import Request, run_batch
 
 _STOP = object()  # tells the worker thread to exit
@@ -57,6 +58,8 @@ class _Served:
     """What a request without `adapter` gets: the adapter of a lora spec given to start(), else the base."""
     stamp: tuple = ()
     """folder_stamp of the base folder when it was loaded."""
+    token_views: object | None = None
+    """grammar.TokenViews, made on the first request with a JSON schema or logprobs."""
 
 
 class HFEngine:
@@ -67,6 +70,8 @@ class HFEngine:
     process; default: torch's own, i.e. the cores Ray or OMP_NUM_THREADS allow)."""
 
     name = "hf"
+    sampling_fields = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                                 "json_schema"})
 
     def __init__(self, *, device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
                  batch_wait_ms: float = 5.0, threads: int | None = None) -> None:
@@ -132,7 +137,7 @@ class HFEngine:
             base_path=os.path.realpath(path), model=model, tokenizer=tokenizer,
             stop_ids=stop_token_ids(model, tokenizer),
             context=getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length,
-            pad_id=_pad_id(tokenizer, model), stamp=folder_stamp(path),
+            pad_id=pad_id(tokenizer, model), stamp=folder_stamp(path),
         )
         if spec.kind == "lora":
             self._attach(served, spec)
@@ -210,16 +215,25 @@ class HFEngine:
 
     # --- serving ---------------------------------------------------------------------------
 
-    async def chat(self, messages: list[dict], *, adapter: str | None = None,
-                   params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+    def chat(self, messages: list[dict], *, adapter: str | None = None,
+             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
         """Stream the reply; `adapter` None = the started model, BASE_ADAPTER = the base weights."""
+        return self._generate(messages, None, adapter, params)
+
+    def generate(self, prompt: str, *, adapter: str | None = None,
+                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
+        return self._generate([], prompt, adapter, params)
+
+    async def _generate(self, messages: list[dict], prompt: str | None, adapter: str | None,
+                        params: SamplingParams | None) -> AsyncIterator[Delta]:
         served = self._require_started()
         name = adapter or served.default_adapter
         if name != BASE_ADAPTER and name not in served.adapters:
             raise EngineError(f"adapter {name!r} is not loaded (loaded: {sorted(served.adapters) or 'none'}); "
                               "load it with load_adapter() first")
         request = Request(messages, name, params or SamplingParams(), asyncio.get_running_loop(), asyncio.Queue(),
-                          on_finish=self._count_finished)
+                          on_finish=self._count_finished, prompt=prompt)
         self._pending.put(request)
         try:
             while True:
@@ -296,10 +310,13 @@ class HFEngine:
         else:
             raise EngineError(f"adapter {request.adapter!r} was unloaded before this request ran; "
                               f"loaded: {sorted(served.adapters) or 'none'}")
-        prompt = encode_chat(tokenizer, request.messages)
+        prompt = request.encode(tokenizer)
         if len(prompt) >= served.context:
             raise EngineError(f"the prompt is {len(prompt)} tokens but the model's context is {served.context}: "
                               "shorten the conversation")
+        if request.params.json_schema is not None or request.params.logprobs:
+            served.token_views = served.token_views or TokenViews(served.model.get_output_embeddings().weight.shape[0])
+            served.token_views.attach(request, tokenizer, stop_ids)
         request.prepare(prompt, tokenizer, stop_ids, served.context)
 
     # --- state -----------------------------------------------------------------------------
@@ -319,10 +336,7 @@ class HFEngine:
             "default_adapter": served.default_adapter if served else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "requests_served": self._counts["requests_served"],
-            "requests_failed": self._counts["requests_failed"],
-            "tokens_generated": self._counts["tokens_generated"],
-            "batches": self._counts["batches"],
+            **{key: self._counts[key] for key in ("requests_served", "requests_failed", "tokens_generated", "batches")},
             "batch_sizes": dict(sorted(self._batch_sizes.items())),
             "max_batch_size": self.max_batch_size,
             "queue_depth": self._pending.qsize(),
@@ -378,13 +392,6 @@ def _pick_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
-
-
-def _pad_id(tokenizer, model) -> int:
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
 
 
 def _free_memory(device: torch.device) -> None:
