@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sage_ray.errors import SageError
 from sage_ray.paths import models_dir
 
 DEMO = "demo"
@@ -36,7 +37,7 @@ _NEXT_STEP = (
 )
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(SageError, LookupError):
     """A model reference that resolves to no model; the message says what to do next."""
 
 

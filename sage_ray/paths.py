@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from sage_ray import env
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def sage_home() -> Path:
     """The root of every artifact; read on each call so tests can point it elsewhere."""
-    return Path(os.environ.get("SAGE_HOME", Path.home() / ".sage")).expanduser()
+    return Path(env.value("SAGE_HOME") or Path.home() / ".sage").expanduser()
 
 
 def models_dir() -> Path:

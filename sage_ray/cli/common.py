@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from sage_ray.config import TrainConfig
+from sage_ray.errors import SageError
 from sage_ray.registry.status import JobStatus
 
 console = Console(stderr=True)
@@ -44,12 +45,8 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
 
 def run_with_progress(cfg: TrainConfig, address: str | None):
     """Run `finetune` here, with a progress bar fed from the task's log; user errors exit 1."""
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.models import ModelNotFoundError
     from sage_ray.paths import TaskPaths
-    from sage_ray.presets import DoesNotFitError
-    from sage_ray.train.trainer import TrainingError, finetune, new_task_id
+    from sage_ray.train.trainer import finetune, new_task_id
 
     cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task)})
     paths = TaskPaths(cfg.name)
@@ -64,7 +61,7 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
         follower.start()
         try:
             return finetune(cfg, address=address, log_to_driver=False)
-        except (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError, TrainingError) as err:
+        except SageError as err:
             error = err
         finally:
             time.sleep(0.4)  # let the follower print the last lines
@@ -77,14 +74,9 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
 def jobs_call(function, *args, **kwargs):
     """Run a jobs / cluster call; the user's mistakes (bad config or dataset, unknown task, wrong
     state, no cluster) exit 1 with their message instead of a traceback."""
-    from sage_ray.cluster import ClusterError
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.jobs import JobError
-
     try:
         return function(*args, **kwargs)
-    except (ConfigError, DatasetError, JobError, ClusterError) as err:
+    except SageError as err:
         fail(str(err))
 
 

@@ -17,32 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Iterator, Literal, TypedDict
 
+from sage_ray.errors import (AlreadyExistsError, InUseError, NotFoundError,  # noqa: F401 (re-exported)
+                             RegistryError, RegistryValueError)
 from sage_ray.registry.status import RUNNING, STATUSES, TERMINAL, JobStatus  # noqa: F401 (re-exported)
 
 KINDS = ("base", "lora", "merged")
 ACTIVE_MODEL_KEY = "active_model"
 SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
-
-
-class RegistryError(Exception):
-    """Base of the registry's errors; each message says what to do next."""
-
-
-class NotFoundError(RegistryError, LookupError):
-    """No artifact or job by that name."""
-
-
-class AlreadyExistsError(RegistryError):
-    """The name or task id is taken."""
-
-
-class InUseError(RegistryError):
-    """Refused: the artifact is the active model, or the job is still running."""
-
-
-class RegistryValueError(RegistryError, ValueError):
-    """An unknown field, or a value outside its choices."""
 
 
 class ArtifactRecord(TypedDict, total=False):

@@ -40,14 +40,12 @@ def _problem(error: dict[str, Any]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from sage_ray.serve.engines.base import UnsupportedParamError
-    from sage_ray.serve.llm_server import ModelUnavailableError
-    from sage_ray.serve.resolve import ModelRefError
-    from sage_ray.serve.service import ServiceError, user_error
+    from sage_ray.errors import SageError
+    from sage_ray.serve.service import ServiceError
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, err: ServiceError):
-        return _error(err.status, str(err), err.detail)
+        return _error(err.status, str(err), err.detail())
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
@@ -56,25 +54,13 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(f"{field}: {_problem(e)}" for field, e in zip(fields, errors))
         return _error(400, f"bad request: {problems}", {"param": fields[0] if fields else None})
 
-    @app.exception_handler(UnsupportedParamError)
-    async def unsupported(_: Request, err: UnsupportedParamError):
-        return _error(400, str(err))
-
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
         inner = _unwrap(err)
-        if isinstance(inner, ModelUnavailableError):
-            return _error(503, str(inner))
-        if isinstance(inner, UnsupportedParamError):
-            return _error(400, str(inner))
-        if isinstance(inner, ModelRefError):
-            return _error(inner.status, str(inner))
-        try:
-            mapped = user_error(inner)
-        except Exception:
-            log.exception("StudioIngress: unexpected error")
-            return _error(500, f"internal error: {type(inner).__name__}: {inner}")
-        return _error(mapped.status, str(mapped), mapped.detail)
+        if isinstance(inner, SageError):
+            return _error(inner.http_status, str(inner), inner.detail())
+        log.exception("StudioIngress: unexpected error")
+        return _error(500, f"internal error: {type(inner).__name__}: {inner}")
 
 
 def install_auth(app: FastAPI, settings: StudioSettings) -> None:

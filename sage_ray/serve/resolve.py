@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sage_ray import storage
+from sage_ray.errors import SageError
 from sage_ray.models import DEMO, TINY, ModelNotFoundError, resolve_model
 from sage_ray.registry.discovery import ADAPTER_CONFIG
 from sage_ray.serve.engines.base import ModelSpec, adapter_base
 
 
-class ModelRefError(LookupError):
+class ModelRefError(SageError, LookupError):
     """A model reference that names nothing servable; `status` is the HTTP status to answer."""
 
     def __init__(self, message: str, status: int = 404):
         super().__init__(message)
-        self.status = status
+        self.http_status = status
 
 
 def within_roots(path: Path, roots: Sequence[Path]) -> bool:

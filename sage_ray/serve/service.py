@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from sage_ray.errors import SageError
 from sage_ray.serve import deploy
 from sage_ray.serve.model_registry import ServingRegistry
-from sage_ray.serve.resolve import ModelRefError, spec_of, within_roots
+from sage_ray.serve.resolve import spec_of, within_roots
 from sage_ray.serve.settings import StudioSettings
 
 DATASET_SUFFIXES = (".json", ".jsonl")
@@ -26,44 +27,25 @@ ACTIVE = "switched and active"
 PENDING = "switched; takes effect when the LLM service starts"
 
 
-class ServiceError(Exception):
+class ServiceError(SageError):
     """A request the Studio refuses; `status` is the HTTP status, the message says what to do."""
 
     def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None):
         super().__init__(message)
-        self.status = status
-        self.detail = detail or {}
+        self.status = self.http_status = status
+        self._detail = detail or {}
+
+    def detail(self) -> dict[str, Any]:
+        return self._detail
 
 
 def user_error(err: Exception) -> ServiceError:
-    """`err` as a ServiceError with its HTTP status when it is a known user-facing error;
+    """`err` as a ServiceError with its HTTP status when it is a user-facing error (a SageError);
     anything else (a bug, a crash) is re-raised as it is, to surface as a 500."""
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.models import ModelNotFoundError
-    from sage_ray.presets import DoesNotFitError
-    from sage_ray.registry.store import InUseError, NotFoundError, RegistryValueError
-
     if isinstance(err, ServiceError):
         return err
-    if isinstance(err, ModelRefError):
-        return ServiceError(err.status, str(err))
-    if isinstance(err, DatasetError):
-        return ServiceError(400, str(err), err.to_dict())
-    if isinstance(err, (ConfigError, ModelNotFoundError, DoesNotFitError, RegistryValueError)):
-        return ServiceError(400, str(err))
-    if isinstance(err, NotFoundError):
-        return ServiceError(404, str(err))
-    if isinstance(err, InUseError):
-        return ServiceError(409, str(err))
-    from sage_ray.jobs import JobError, JobNotFoundError, JobStateError
-
-    if isinstance(err, JobNotFoundError):
-        return ServiceError(404, str(err))
-    if isinstance(err, JobStateError):
-        return ServiceError(409, str(err))
-    if isinstance(err, JobError):  # Ray Jobs could not take or answer the request now
-        return ServiceError(503, str(err))
+    if isinstance(err, SageError):
+        return ServiceError(err.http_status, str(err), err.detail())
     raise err
 
 

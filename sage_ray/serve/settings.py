@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sage_ray import env
 from sage_ray.paths import sage_home
 
 EngineName = Literal["auto", "hf", "vllm"]
@@ -79,15 +80,15 @@ class StudioSettings(BaseModel):
     @classmethod
     def from_env(cls, **overrides: Any) -> "StudioSettings":
         """Defaults, then SAGE_* environment variables, then explicit values."""
-        env: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for key, var in (("model", "SAGE_STUDIO_LLM_MODEL"), ("engine", "SAGE_STUDIO_LLM_ENGINE"),
                          ("gpu_memory_utilization", "SAGE_STUDIO_LLM_GPU_MEMORY"),
                          ("api_key", "SAGE_STUDIO_API_KEY")):
-            if os.environ.get(var):
-                env[key] = os.environ[var]
-        if os.environ.get("SAGE_STUDIO_ALLOWED_ROOTS"):
-            env["allowed_roots"] = [p for p in os.environ["SAGE_STUDIO_ALLOWED_ROOTS"].split(os.pathsep) if p]
-        return cls(**{**env, **{k: v for k, v in overrides.items() if v is not None}})
+            if env.value(var):
+                values[key] = env.value(var)
+        if env.value("SAGE_STUDIO_ALLOWED_ROOTS"):
+            values["allowed_roots"] = [p for p in env.value("SAGE_STUDIO_ALLOWED_ROOTS").split(os.pathsep) if p]
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def llm_user_config(self, model: str | None = None) -> dict[str, Any]:
         """The LLMServer's declared state: what a config deploy changes to hot-swap."""

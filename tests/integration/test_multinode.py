@@ -281,7 +281,7 @@ def test_gpu_policy_with_fractional_resources(multinode, studio_port, chat_data)
     # A replica that dies while its GPU is lent comes back still lent (a transformers model then
     # loads on CPU, not under the running fine-tune) and takes the GPU back when the job ends.
     # The borrower is a job record in the state a running fine-tune's has: all the replica reads.
-    from sage_ray.placement import borrow_gpu
+    from sage_ray.serve.gpu_lending import borrow_gpu
 
     ray.get(multinode.registry.create_job.remote("loan-held", config={"num_workers": 1}))
     ray.get(multinode.registry.update_job.remote("loan-held", status="training"))

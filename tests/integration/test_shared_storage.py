@@ -75,7 +75,7 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     assert not (task_dir / "checkpoints").exists()  # Ray Train wrote them to the store only
 
     # ... and the registry records the URIs next to the paths.
-    artifacts = {a["kind"]: a for a in jobs._call("list_artifacts", task_id=task_id)}
+    artifacts = {a["kind"]: a for a in jobs._registry().list_artifacts(task_id=task_id)}
     assert artifacts["merged"]["uri"] == f"{task_uri}/merged_model"
     assert artifacts["lora"]["uri"] == f"{task_uri}/lora"
     assert artifacts["lora"]["name"] == f"{task_id}-lora"
@@ -83,8 +83,8 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     # "Another node": the task's folders are not there, only the head's meta and log.
     shutil.rmtree(task_dir / "lora")
     shutil.rmtree(task_dir / "merged_model")
-    assert jobs._call("discover") >= 2
-    still = {a["kind"]: a for a in jobs._call("list_artifacts", task_id=task_id)}
+    assert jobs._registry().discover() >= 2
+    still = {a["kind"]: a for a in jobs._registry().list_artifacts(task_id=task_id)}
     assert still["lora"]["uri"] == artifacts["lora"]["uri"] and still["lora"]["size_bytes"] is None
     assert still["merged"]["uri"] == artifacts["merged"]["uri"]
     meta = json.loads((task_dir / "finetune_meta.json").read_text())

@@ -59,7 +59,7 @@ def test_a_model_only_in_shared_storage_is_checked_without_fetching(tmp_path):
     gone = {"name": "t", "kind": "merged", "path": str(tmp_path / "gone")}
     with pytest.raises(ModelRefError, match="folder is gone") as err:
         spec_of(gone, fetch=False)
-    assert err.value.status == 410
+    assert err.value.http_status == 410
     spec = spec_of({**gone, "uri": "s3://bucket/sage/studio_finetune/t/merged_model"}, fetch=False)
     assert spec.path == "s3://bucket/sage/studio_finetune/t/merged_model"  # nothing was downloaded
     assert not (tmp_path / "gone").exists()

@@ -72,11 +72,3 @@ def folder_stamp(path: str | Path) -> tuple:
     path = Path(path).resolve()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
     return (str(path), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-
-
-def pad_id(tokenizer, model) -> int:
-    """The artifact's padding token: the tokenizer's, the generation config's, else its EOS (else 0)."""
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(candidate, int):
-            return candidate
-    return 0

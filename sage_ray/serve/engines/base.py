@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Protocol, runtime_checkable
 
+from sage_ray.errors import SageError
 from sage_ray.utils import is_available
 
 KINDS = ("base", "merged", "lora")
@@ -28,8 +29,10 @@ class EngineError(RuntimeError):
     """The engine cannot do what was asked (bad model folder, unknown adapter...); the message says what to do."""
 
 
-class UnsupportedParamError(EngineError):
+class UnsupportedParamError(SageError, EngineError):
     """The request asks for something the serving engine does not do (an HTTP 400, naming it)."""
+
+    http_status = 400
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class SamplingParams:
 
 
 BASIC_SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos"})
+OPENAI_SAMPLING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                             "json_schema"})  # the fields added for OpenAI's API; an engine lists those it honours
 
 
 def check_supported(engine, params: dict, *, raw_prompt: bool = False) -> None:

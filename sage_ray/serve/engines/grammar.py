@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sage_ray.errors import SageError
 from sage_ray.serve.engines.base import EngineError
 
 # At most one space between JSON tokens (`{"a": 1, "b": 2}`): with free whitespace a weak
@@ -16,8 +17,10 @@ JSON_OPTIONS = {"whitespace_pattern": r"\x20?"}
 ANY_OBJECT = {"type": "object"}
 
 
-class GrammarError(EngineError):
+class GrammarError(SageError, EngineError):
     """A JSON schema the constrained decoder cannot compile; the message names the problem."""
+
+    http_status = 400
 
 
 def json_grammar(schema: dict[str, Any]) -> str:

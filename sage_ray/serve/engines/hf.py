@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import gc
 import os
 import queue
 import threading
@@ -25,8 +24,9 @@ import torch
 
 from sage_ray.inference import stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
-from sage_ray.serve.engines.artifacts import folder_stamp, pad_id
-from sage_ray.serve.engines.base import BASE_ADAPTER, Delta, EngineError, ModelSpec, SamplingParams
+from sage_ray.serve.engines.artifacts import folder_stamp
+from sage_ray.serve.engines.devices import free_memory, pick_dtype
+from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, Delta, EngineError, ModelSpec, SamplingParams
 from sage_ray.serve.engines.grammar import TokenViews
 from sage_ray.serve.engines.hf_batch import Request, run_batch
 
@@ -58,8 +58,7 @@ class _Served:
     """What a request without `adapter` gets: the adapter of a lora spec given to start(), else the base."""
     stamp: tuple = ()
     """folder_stamp of the base folder when it was loaded."""
-    token_views: object | None = None
-    """grammar.TokenViews, made on the first request with a JSON schema or logprobs."""
+    token_views: TokenViews | None = None  # JSON-schema matchers and token bytes (logprobs)
 
 
 class HFEngine:
@@ -70,15 +69,16 @@ class HFEngine:
     process; default: torch's own, i.e. the cores Ray or OMP_NUM_THREADS allow)."""
 
     name = "hf"
-    sampling_fields = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-                                 "json_schema"})
+    sampling_fields = OPENAI_SAMPLING
+    serves_asleep = True  # asleep it answers from the CPU, slower
 
     def __init__(self, *, device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
                  batch_wait_ms: float = 5.0, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _pick_dtype(self.device, dtype)
+        self.home_device = self.device  # where wake() moves the model back to
+        self.dtype = pick_dtype(self.device, dtype)
         self.max_batch_size = max(1, int(max_batch_size))
         self.batch_wait_s = max(0.0, batch_wait_ms) / 1000
         self._served: _Served | None = None
@@ -106,9 +106,10 @@ class HFEngine:
             self._served.default_adapter = model.name if model.kind == "lora" else BASE_ADAPTER
             return
         served = await asyncio.to_thread(self._load, model)
+        self._counts["base_loads"] += 1
         old = await asyncio.to_thread(self._locked, self._swap, served)
         del old
-        _free_memory(self.device)
+        free_memory(self.device)
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._loop, name="sage-hf-engine", daemon=True)
             self._worker.start()
@@ -137,7 +138,8 @@ class HFEngine:
             base_path=os.path.realpath(path), model=model, tokenizer=tokenizer,
             stop_ids=stop_token_ids(model, tokenizer),
             context=getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length,
-            pad_id=pad_id(tokenizer, model), stamp=folder_stamp(path),
+            pad_id=_pad_id(tokenizer, model), stamp=folder_stamp(path),
+            token_views=TokenViews(model.get_output_embeddings().weight.shape[0]),
         )
         if spec.kind == "lora":
             self._attach(served, spec)
@@ -225,8 +227,7 @@ class HFEngine:
         """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
         return self._generate([], prompt, adapter, params)
 
-    async def _generate(self, messages: list[dict], prompt: str | None, adapter: str | None,
-                        params: SamplingParams | None) -> AsyncIterator[Delta]:
+    async def _generate(self, messages: list[dict], prompt: str | None, adapter: str | None, params) -> AsyncIterator:
         served = self._require_started()
         name = adapter or served.default_adapter
         if name != BASE_ADAPTER and name not in served.adapters:
@@ -310,14 +311,7 @@ class HFEngine:
         else:
             raise EngineError(f"adapter {request.adapter!r} was unloaded before this request ran; "
                               f"loaded: {sorted(served.adapters) or 'none'}")
-        prompt = request.encode(tokenizer)
-        if len(prompt) >= served.context:
-            raise EngineError(f"the prompt is {len(prompt)} tokens but the model's context is {served.context}: "
-                              "shorten the conversation")
-        if request.params.json_schema is not None or request.params.logprobs:
-            served.token_views = served.token_views or TokenViews(served.model.get_output_embeddings().weight.shape[0])
-            served.token_views.attach(request, tokenizer, stop_ids)
-        request.prepare(prompt, tokenizer, stop_ids, served.context)
+        request.prepare(tokenizer, stop_ids, served.context, served.token_views)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -336,7 +330,11 @@ class HFEngine:
             "default_adapter": served.default_adapter if served else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            **{key: self._counts[key] for key in ("requests_served", "requests_failed", "tokens_generated", "batches")},
+            "base_loads": self._counts["base_loads"],
+            "requests_served": self._counts["requests_served"],
+            "requests_failed": self._counts["requests_failed"],
+            "tokens_generated": self._counts["tokens_generated"],
+            "batches": self._counts["batches"],
             "batch_sizes": dict(sorted(self._batch_sizes.items())),
             "max_batch_size": self.max_batch_size,
             "queue_depth": self._pending.qsize(),
@@ -351,7 +349,21 @@ class HFEngine:
             if isinstance(item, Request):
                 item.fail(EngineError("the engine shut down before this request ran; retry on another replica"))
         self._served = None
-        _free_memory(self.device)
+        free_memory(self.device)
+
+    async def sleep(self) -> None:
+        """Leave the GPU: the model moves to the CPU and keeps answering there (before start:
+        it loads there). Requests keep flowing on whichever device the model is on."""
+        await asyncio.to_thread(self._locked, self._move, torch.device("cpu"))
+
+    async def wake(self) -> None:
+        await asyncio.to_thread(self._locked, self._move, self.home_device)
+
+    def _move(self, target: torch.device) -> None:
+        if self._served is not None and self.device != target:
+            self._served.model.to(target)
+        self.device, left = target, self.device  # the next batch's inputs follow the model
+        free_memory(left)
 
     def _stop_worker(self, *, timeout: float) -> None:
         worker, self._worker = self._worker, None
@@ -382,19 +394,8 @@ class HFEngine:
             return fn(*args)
 
 
-def _pick_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
-    if dtype:
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise EngineError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-        return getattr(torch, dtype)
-    if device.type == "cpu":
-        return torch.float32  # half precision on CPU is slow and lossy
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _pad_id(tokenizer, model) -> int:
+    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

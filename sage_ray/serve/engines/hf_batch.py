@@ -59,7 +59,22 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)
     """Entries not sent yet: they go out with the next Delta."""
 
-    def encode(self, tokenizer) -> list[int]:
+    def prepare(self, tokenizer, stop_ids, context: int, token_views=None) -> None:
+        """Tokenize the prompt, bind the artifact's stop tokens, clip max_tokens to the context left;
+        with a JSON schema or logprobs, take the grammar matcher / token bytes from `token_views`."""
+        prompt_ids = self._encode(tokenizer)
+        if len(prompt_ids) >= context:
+            raise EngineError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context}: "
+                              "shorten the conversation")
+        if self.params.json_schema is not None or self.params.logprobs:
+            token_views.attach(self, tokenizer, stop_ids)
+        self.prompt_ids = prompt_ids
+        self.stop_ids = frozenset(stop_ids)
+        self.max_new = min(self.params.max_tokens, context - len(prompt_ids))
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stopper = StopMatcher(self.params.stop)
+
+    def _encode(self, tokenizer) -> list[int]:
         """The prompt's token ids: the chat template over `messages`, or the raw `prompt` as it is."""
         if self.prompt is None:
             return encode_chat(tokenizer, self.messages)
@@ -67,14 +82,6 @@ class Request:
         if not ids:
             raise EngineError("the prompt is empty: send some text to continue")
         return ids
-
-    def prepare(self, prompt_ids: list[int], tokenizer, stop_ids, context: int) -> None:
-        """Bind the tokenized prompt and the artifact's stop tokens; clip max_tokens to the context left."""
-        self.prompt_ids = prompt_ids
-        self.stop_ids = frozenset(stop_ids)
-        self.max_new = min(self.params.max_tokens, context - len(prompt_ids))
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stopper = StopMatcher(self.params.stop)
 
     def on_token(self, token: int) -> None:
         """Route one generated token: text out, or the end of the reply."""
