@@ -80,6 +80,8 @@ def install_auth(app: FastAPI, settings: StudioSettings) -> None:
 
 def build_asgi_app(service) -> FastAPI:
     from sage_ray.serve.openai_api import build_openai_router
+    from sage_ray.serve.openai_files import build_files_router
+    from sage_ray.serve.openai_finetune import build_finetune_router
     from sage_ray.serve.studio_api import build_studio_router
 
     app = FastAPI(title="sage-ray Studio", description="Fine-tune, serve and chat: the Studio's API.")
@@ -91,6 +93,8 @@ def build_asgi_app(service) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(build_openai_router(service))
+    app.include_router(build_files_router(service))
+    app.include_router(build_finetune_router(service))
     app.include_router(build_studio_router(service))
     if service.settings.ui:  # last: a mount at "/" takes every path not matched above
         from sage_ray.ui.app import mount_ui

@@ -142,3 +142,96 @@ def test_what_is_not_supported_is_refused_with_400_naming_it(client, studio):
     assert "suffix" in err.value.message
     raw = httpx.post(f"{studio}/v1/chat/completions", json={"messages": HI, "functions": [{"name": "f"}]}, timeout=30)
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "functions"
+
+
+# ---- the fine-tuning API -------------------------------------------------------------------
+def openai_jsonl(chat_data, records: int) -> bytes:
+    """The shipped chat conversations in OpenAI's fine-tuning format: one {"messages": [...]} per line."""
+    conversations = json.loads(chat_data.read_text())[:records]
+    return "".join(json.dumps({"messages": c["messages"]}) + "\n" for c in conversations).encode()
+
+
+def wait_for(client, job_id: str, statuses: set[str], timeout_s: float = 300):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    return job
+
+
+def create_when_ready(client, **kwargs):
+    """jobs.create, retried while Ray's job agent is still starting on a fresh cluster."""
+    import time
+
+    import openai
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.fine_tuning.jobs.create(**kwargs)
+        except openai.APIStatusError as err:
+            if "try again later" not in err.message or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def test_files_are_validated_at_upload(client, chat_data):
+    import openai
+
+    data = openai_jsonl(chat_data, 8)
+    uploaded = client.files.create(file=("../my train set.jsonl", data), purpose="fine-tune")
+    assert uploaded.filename == "my_train_set.jsonl" and uploaded.bytes == len(data)
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    assert uploaded.id in {f.id for f in client.files.list(purpose="fine-tune")}
+    assert client.files.content(uploaded.id).content == data
+    bad = data + b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n'
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    assert "line 9" in err.value.message and "content" in err.value.message, err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("x.jsonl", data), purpose="assistants")
+    assert "purpose" in err.value.message
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_data):
+    import openai
+
+    training = client.files.create(file=("train.jsonl", openai_jsonl(chat_data, 8)), purpose="fine-tune")
+    for bad, named in (({"method": {"type": "dpo", "dpo": {}}}, "supervised"),
+                       ({"validation_file": training.id}, "validation_file"),
+                       ({"hyperparameters": {"n_epochs": 0}}, "n_epochs"),
+                       ({"training_file": "file-000000000000000000000000"}, "training_file"),
+                       ({"extra_body": {"integrations": [{"type": "wandb"}]}}, "integrations")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": training.id, **bad})
+        assert named in err.value.message, (bad, err.value.message)
+    job = create_when_ready(client, model="tiny", training_file=training.id, suffix="breakfast", seed=7,
+                            method={"type": "supervised", "supervised": {"hyperparameters": {
+                                "n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 2}}})
+    assert job.status == "queued" and job.id.startswith("breakfast-") and job.training_file == training.id
+    assert job.hyperparameters.batch_size == 2 and job.hyperparameters.learning_rate_multiplier == 2
+    assert job.id in {j.id for j in client.fine_tuning.jobs.list()}
+    # a second job waits in the queue behind the first: cancel it; pause and resume a third
+    second = create_when_ready(client, model="tiny", training_file=training.id)
+    assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
+    third = create_when_ready(client, model="tiny", training_file=training.id)
+    assert client.fine_tuning.jobs.pause(third.id).status == "paused"
+    assert client.fine_tuning.jobs.resume(third.id).status in ("queued", "running")
+    assert client.fine_tuning.jobs.cancel(third.id).status == "cancelled"
+    done = wait_for(client, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done
+    assert httpx.get(f"{studio}/api/finetune/tasks/{job.id}", timeout=30).json()["status"] == "completed"
+    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=HI, max_tokens=4)
+    assert reply.model == done.fine_tuned_model and reply.choices[0].message.content
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=5))  # pages through every event
+    assert events[-1].message == f"Created fine-tuning job: {job.id}"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(e.data["loss"] > 0 for e in metrics if "loss" in e.data)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [done.fine_tuned_model]
+    assert checkpoints[0].step_number > 0

@@ -86,3 +86,22 @@ def test_completion_request_prompts_and_logprobs():
                                                                      "top_logprobs": 2}
     assert "token-id prompts" in refused(CompletionRequest, {"prompt": [[1, 2, 3]]})
     assert "empty" in refused(CompletionRequest, {"prompt": ""})
+
+
+def test_fine_tune_request_maps_hyperparameters_and_refuses_the_rest():
+    from sage_ray.serve.openai_finetune import FineTuneRequest
+
+    body = FineTuneRequest.model_validate({"model": "tiny", "training_file": "file-x", "method": {
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}}})
+    assert body.effective_hyperparameters().n_epochs == 2
+    assert body.effective_hyperparameters().learning_rate_multiplier == "auto"
+    assert "only 'supervised'" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
+                                                            "method": {"type": "dpo"}})
+    assert "validation_file" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
+                                                          "validation_file": "file-y"})
+    assert "once" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
+                                               "hyperparameters": {"n_epochs": 1},
+                                               "method": {"type": "supervised", "supervised": {
+                                                   "hyperparameters": {"n_epochs": 2}}}})
+    assert "metadata" in refused(FineTuneRequest, {"model": "m", "training_file": "f", "metadata": {"a": "b"}})
+    assert "suffix" in refused(FineTuneRequest, {"model": "m", "training_file": "f", "suffix": "../x"})
