@@ -79,6 +79,14 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("path", "records", "format")}
 
 
+def only_query(request: Request, *allowed: str) -> None:
+    """A 400 naming any query parameter the route does not implement (FastAPI would ignore it)."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        raise ServiceError(400, f"{', '.join(unknown)}: not supported by this server; leave it out",
+                           {"param": unknown[0]})
+
+
 def build_files_router(service) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible fine-tuning"])
     store = FileStore(service)
@@ -101,8 +109,9 @@ def build_files_router(service) -> APIRouter:
                                               str(form.get("purpose") or "")))
 
     @router.get("/files")
-    def list_files(purpose: str | None = Query(None), limit: int = Query(10_000, ge=1, le=10_000),
+    def list_files(request: Request, purpose: str | None = Query(None), limit: int = Query(10_000, ge=1, le=10_000),
                    after: str | None = Query(None), order: str = Query("desc", pattern="^(asc|desc)$")):
+        only_query(request, "purpose", "limit", "after", "order")
         records = [r for r in store.list() if purpose in (None, r["purpose"])]
         if order == "asc":
             records.reverse()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import Field, model_validator
 
-from sage_ray.serve.openai_files import FileStore
+from sage_ray.serve.openai_files import FileStore, only_query
 from sage_ray.serve.openai_schema import Strict
 from sage_ray.serve.service import ServiceError
 
@@ -204,13 +204,6 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
 
 
-def _only(request: Request, *allowed: str) -> None:
-    unknown = sorted(set(request.query_params) - set(allowed))
-    if unknown:
-        raise ServiceError(400, f"{', '.join(unknown)}: not supported by this server; leave it out",
-                           {"param": unknown[0]})
-
-
 def build_finetune_router(service) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible fine-tuning"])
     api = FineTuning(service)
@@ -221,7 +214,7 @@ def build_finetune_router(service) -> APIRouter:
 
     @router.get("")
     def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
-        _only(request, "after", "limit")
+        only_query(request, "after", "limit")
         return page([api.job(r) for r in service.list_jobs()], after, limit)
 
     @router.get("/{task_id}")
@@ -242,12 +235,12 @@ def build_finetune_router(service) -> APIRouter:
 
     @router.get("/{task_id}/events")
     def events(request: Request, task_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)):
-        _only(request, "after", "limit")
+        only_query(request, "after", "limit")
         return page(api.events(task_id), after, limit)
 
     @router.get("/{task_id}/checkpoints")
     def checkpoints(request: Request, task_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)):
-        _only(request, "after", "limit")
+        only_query(request, "after", "limit")
         return page(api.checkpoints(task_id), after, limit)
 
     return router

@@ -3,6 +3,9 @@ not implemented is refused with a message naming the field."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -105,3 +108,38 @@ def test_fine_tune_request_maps_hyperparameters_and_refuses_the_rest():
                                                    "hyperparameters": {"n_epochs": 2}}}})
     assert "metadata" in refused(FineTuneRequest, {"model": "m", "training_file": "f", "metadata": {"a": "b"}})
     assert "suffix" in refused(FineTuneRequest, {"model": "m", "training_file": "f", "suffix": "../x"})
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# values for the refused parameters that a type check alone would not refuse
+REFUSED_SAMPLES = {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+                   "best_of": 3, "suffix": "x"}
+
+
+def readme_rows() -> list[tuple[str, list[str], str]]:
+    text = README.read_text()
+    table = text[text.index("<!-- openai-table"):].split("\n\n")[0].splitlines()[3:]
+    rows = []
+    for line in table:
+        endpoint, params, here = (cell.strip() for cell in line.strip("|").split("|"))
+        names = [re.split(r"[\[. ]", name)[0] for name in re.findall(r"`([^`]+)`", params)]
+        rows.append((endpoint, names, here))
+    return rows
+
+
+def test_readme_table_matches_the_request_models():
+    models = {"`POST /v1/chat/completions`": ChatCompletionRequest, "`POST /v1/completions`": CompletionRequest}
+    base = {ChatCompletionRequest: {"messages": USER}, CompletionRequest: {"prompt": "x"}}
+    checked = 0
+    for endpoint, names, here in readme_rows():
+        model = models.get(endpoint)
+        if model is None or "parts" in here or "token-id" in names or "best_of" in names and "equal" in here:
+            continue
+        for name in names:
+            if here.startswith("supported"):
+                assert name in model.model_fields, (endpoint, name)
+            elif name not in ("messages", "role"):  # message-level refusals: test_every_unknown_...
+                assert here.startswith("400"), here
+                refused(model, {**base[model], name: REFUSED_SAMPLES.get(name, {"x": 1})})
+            checked += 1
+    assert checked > 40
