@@ -49,16 +49,10 @@ def format_finetuned(models: list[dict[str, Any]]) -> str:
 
 def check_model(ref: str, settings: StudioSettings) -> None:
     """Fail before deploying when `ref` names no servable model (the same lookup the Studio does)."""
-    from sage_ray.models import DEMO, TINY
     from sage_ray.serve.resolve import ModelRefError, find_artifact
 
-    if ref in (DEMO, TINY):  # built in: resolved (and fetched) by the LLM service itself
-        return
-    registry = local_registry()
-    wanted = lambda path: next((a for a in registry.list_artifacts() if a["path"] == path), None)  # noqa: E731
-    try:
-        find_artifact(ref, get_artifact=registry.get_artifact, get_task_model=registry.get_task_model,
-                      find_by_path=wanted, roots=settings.roots())
+    try:  # a built-in model is built by the LLM service itself, not here
+        find_artifact(ref, local_registry(), settings.roots(), build=False)
     except ModelRefError as err:
         fail(f"--llm-model {ref}: {err}\n`sage studio start --list-finetuned` lists the fine-tunes, "
              "`sage llm model show` every model")

@@ -7,12 +7,12 @@ API must never become a way to read arbitrary files of the server.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 from sage_ray import storage
 from sage_ray.errors import SageError
-from sage_ray.models import DEMO, TINY, ModelNotFoundError, resolve_model
-from sage_ray.registry.discovery import ADAPTER_CONFIG
+from sage_ray.models import BUILTIN, ModelNotFoundError, resolve_model
+from sage_ray.artifacts import ADAPTER_CONFIG, is_adapter, is_model
 from sage_ray.serve.engines.base import ModelSpec, adapter_base
 
 
@@ -67,28 +67,43 @@ def spec_of(artifact: dict[str, Any], *, fetch: bool = True) -> ModelSpec:
 
 
 def _describe_path(path: Path) -> dict[str, Any]:
-    if (path / ADAPTER_CONFIG).is_file():
+    if is_adapter(path):
         return {"name": path.name, "kind": "lora", "path": str(path), "base_model": adapter_base(path)}
-    if (path / "config.json").is_file():
+    if is_model(path):
         return {"name": path.name, "kind": "base", "path": str(path), "base_model": None}
     raise ModelRefError(f"{path} is neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})", 400)
 
 
-def find_artifact(ref: str, *, get_artifact: Callable[[str], dict | None],
-                  get_task_model: Callable[[str], dict | None], find_by_path: Callable[[str], dict | None],
-                  roots: Sequence[Path]) -> dict[str, Any]:
-    """The registry record `ref` names: a name, a task id, 'demo'/'tiny', or a path inside `roots`
-    (a path the registry does not know is described from its files)."""
+class Registry(Protocol):
+    """The registry reads a reference needs (RegistryClient, ReadOnlyRegistry)."""
+
+    def get_artifact(self, name: str) -> dict | None: ...
+    def get_task_model(self, task_id: str) -> dict | None: ...
+    def list_artifacts(self) -> list[dict]: ...
+
+
+def find_by_path(registry: Registry, path: str | Path) -> dict[str, Any] | None:
+    wanted = {str(path), str(Path(path).resolve())}
+    return next((a for a in registry.list_artifacts() if a["path"] in wanted), None)
+
+
+def find_artifact(ref: str, registry: Registry, roots: Sequence[Path], *, build: bool = True) -> dict[str, Any]:
+    """The one resolver of model references: the registry record `ref` names, as a registry
+    name, a task id (its merged model, else its adapter), a built-in model ('demo', 'tiny';
+    built on first use unless `build` is False: then only its name is checked), or a path
+    inside `roots` (a path the registry does not know is described from its files)."""
     ref = (ref or "").strip()
     if not ref:
         raise ModelRefError("no model given: pass a registry name, a task id or a path", 400)
-    for lookup in (get_artifact, get_task_model):
+    for lookup in (registry.get_artifact, registry.get_task_model):
         record = lookup(ref)
         if record is not None:
             return record
-    if ref in (DEMO, TINY):
+    if ref in BUILTIN:
+        if not build:
+            return {"name": ref, "kind": "base", "path": None, "base_model": None}
         folder = resolve_model(ref, progress=False)
-        return find_by_path(str(folder)) or _describe_path(folder)
+        return find_by_path(registry, folder) or _describe_path(folder)
     if "/" not in ref and "\\" not in ref and not ref.startswith(("~", ".")):
         raise ModelRefError(f"no model named {ref!r}: not a registry name, a task id or a path; "
                             "GET /api/finetune/models lists them")
@@ -101,4 +116,4 @@ def find_artifact(ref: str, *, get_artifact: Callable[[str], dict | None],
                             "SAGE_STUDIO_ALLOWED_ROOTS", 403)
     if not path.is_dir():
         raise ModelRefError(f"no model folder at {ref!r}")
-    return find_by_path(str(path.resolve())) or find_by_path(str(path)) or _describe_path(path)
+    return find_by_path(registry, path) or _describe_path(path)

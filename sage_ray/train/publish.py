@@ -15,7 +15,7 @@ from typing import Any
 
 from sage_ray import storage
 from sage_ray.paths import TaskPaths
-from sage_ray.registry.discovery import ADAPTER_CONFIG
+from sage_ray.artifacts import MERGED_DIR, is_adapter
 
 RESULT = "train_result.json"
 
@@ -64,14 +64,14 @@ def run_result(paths: TaskPaths) -> dict[str, Any]:
 def local_adapter(paths: TaskPaths) -> Path:
     """The task's adapter folder on this machine: its own lora/, else fetched from storage."""
     uri = artifact_uri(paths.task_id, "lora")
-    if (paths.lora / ADAPTER_CONFIG).is_file() or uri is None:
+    if is_adapter(paths.lora) or uri is None:
         return paths.lora
     return storage.fetch(uri)
 
 
 def publish_merged(paths: TaskPaths) -> str | None:
     """Share the merged model the driver just wrote; its URI, or None without SAGE_STORAGE."""
-    uri = artifact_uri(paths.task_id, "merged_model")
+    uri = artifact_uri(paths.task_id, MERGED_DIR)
     if uri is not None:
         storage.upload_dir(paths.merged, uri)
     return uri
