@@ -34,7 +34,7 @@ class ServingRegistry(RegistryClient):
         return record
 
     def spec(self, ref: str) -> ModelSpec:
-        return spec_of(self.artifact(ref))
+        return spec_of(self.artifact(ref), roots=self.settings.roots())
 
     def record_serving(self, state: dict[str, Any]) -> None:
         """Fire and forget: the actor runs one caller's calls in order, and nobody waits on it."""
