@@ -217,9 +217,20 @@ def test_pick_task_keeps_the_users_pick_else_newest_running_else_newest():
 
 def test_loss_frame_from_loss_history():
     frame = fmt.loss_frame(job("t", "training", "", loss_history=[[1, 2.5], [2, 2.25], [3, None]]))
-    assert list(frame.columns) == ["step", "loss"]
-    assert frame["step"].tolist() == [1, 2] and frame["loss"].tolist() == [2.5, 2.25]
-    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
+    assert list(frame.columns) == ["step", "value", "series"]
+    assert frame["step"].tolist() == [1, 2] and frame["value"].tolist() == [2.5, 2.25]
+    assert set(frame["series"]) == {"loss"}
+    assert str(frame["step"].dtype) == "int64" and str(frame["value"].dtype) == "float64"
+
+
+def test_loss_frame_shows_preference_metrics():
+    history = [[1, 0.69, {"rewards/accuracies": 0.0, "rewards/margins": 0.0}],
+               [2, 0.6, {"rewards/accuracies": 1.0, "rewards/margins": 0.2}]]
+    frame = fmt.loss_frame(job("t", "training", "", loss_history=history))
+    accuracy = frame[frame["series"] == "reward accuracy"]
+    assert accuracy["step"].tolist() == [1, 2] and accuracy["value"].tolist() == [0.0, 1.0]
+    assert frame[frame["series"] == "loss"]["value"].tolist() == [0.69, 0.6]
+    assert set(frame["series"]) == {"loss", "reward accuracy", "reward margin"}
     assert fmt.loss_frame(None).empty
 
 
@@ -333,7 +344,7 @@ def test_task_views_select_the_running_job_and_show_its_chart_and_logs():
     views = tasks_panel.task_views(RecordingService(jobs), None)
     assert views["selected"] == "run" and views["active"] is True
     assert views["table"]["id"].tolist() == ["done", "run"]
-    assert views["plot"]["loss"].tolist() == [2.0, 1.5]
+    assert views["plot"]["value"].tolist() == [2.0, 1.5]
     assert views["logs"].startswith("run line 0")
     assert views["btn_cancel"]["interactive"] is True and views["btn_chat"]["interactive"] is False
     assert views["empty"]["visible"] is False
