@@ -177,3 +177,28 @@ def tokenize_examples(
         stats.max_tokens = max(stats.max_tokens, len(item.input_ids))
         stats.lengths.append(len(item.input_ids))
     return kept, stats
+
+
+def _continuation(tokenizer, prompt: list[dict], reply: list[dict], tools, prompt_text: str) -> str:
+    """The text a reply adds after the rendered prompt (its end-of-turn token included)."""
+    full = render(tokenizer, prompt + reply, tools=tools)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else full
+
+
+def preview_example(tokenizer, example: Example) -> dict[str, Any]:
+    """One record as the model will see it: the rendered conversation (SFT), or the rendered
+    prompt and each reply after it (chosen / rejected, or KTO's completion and label)."""
+    if example.messages is None:
+        return {"messages": None, "text": example.text, "rendered": example.text}
+    replies = {"chosen": example.chosen, "rejected": example.rejected, "completion": example.completion}
+    if not any(replies.values()):
+        return {"messages": example.messages, "text": None,
+                "rendered": render(tokenizer, example.messages, tools=example.tools)}
+    prompt = render(tokenizer, example.messages, tools=example.tools, add_generation_prompt=True)
+    out: dict[str, Any] = {"messages": example.messages, "text": None, "prompt": prompt}
+    for key, reply in replies.items():
+        if reply:
+            out[key] = _continuation(tokenizer, example.messages, reply, example.tools, prompt)
+    if example.label is not None:
+        out["label"] = example.label
+    return out

@@ -283,3 +283,16 @@ def test_upload_accepts_any_kind_and_training_checks_the_method():
     assert parse_dataset_bytes(pair, "up.jsonl", method=None).kind == "pairs"
     with pytest.raises(DatasetError, match="use --method dpo"):
         parse_dataset_bytes(pair, "up.jsonl")
+
+
+def test_preview_shows_preference_records_as_the_model_sees_them(tmp_path, tokenizer):
+    from sage_ray.data.tokenize import preview_example
+
+    pair = preview_example(tokenizer, load(tmp_path, PAIR, method=None).examples[0])
+    assert pair["prompt"] == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert (pair["chosen"], pair["rejected"]) == ("Paris.<|im_end|>\n", "Lyon.<|im_end|>\n")
+    bad = next(e for e in load_dataset(peer("kto_en_demo.json"), method="kto").examples if e.label is False)
+    kto = preview_example(tokenizer, bad)
+    assert kto["label"] is False and kto["completion"].endswith("<|im_end|>\n") and "chosen" not in kto
+    sft = preview_example(tokenizer, load(tmp_path, OPENAI_RECORD).examples[0])
+    assert "<tools>" in sft["rendered"] and "<tool_response>\nsunny, 21 C" in sft["rendered"]

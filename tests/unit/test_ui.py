@@ -256,7 +256,32 @@ def test_build_request_blank_or_zero_means_the_presets_value():
                                  "merge": True, "name": "  "})
     assert request == {"model": "demo", "data": "/d.json", "task": "qa", "preset": "cpu", "epochs": 2.0,
                        "batch_size": None, "lr": 1e-3, "lora": {"r": 8, "alpha": None},
-                       "max_length": None, "grad_accum": 4, "merge": True, "name": None}
+                       "max_length": None, "grad_accum": 4, "merge": True, "name": None,
+                       "method": "sft", "beta": None}
+
+
+def test_build_request_carries_method_and_beta_only_where_it_applies():
+    dpo = finetune_form.build_request({"data": "/d.json", "method": "dpo", "beta": 0.25})
+    assert (dpo["method"], dpo["beta"]) == ("dpo", 0.25)
+    assert finetune_form.build_request({"data": "/d.json", "method": "kto", "beta": 0})["beta"] is None  # default
+    assert finetune_form.build_request({"data": "/d.json", "method": "sft", "beta": 0.5})["beta"] is None
+
+
+def test_upload_of_preference_data_picks_a_method_that_trains_it():
+    assert finetune_form.method_for({"kind": "pairs"}, "sft") == "dpo"
+    assert finetune_form.method_for({"kind": "pairs"}, "orpo") == "orpo"  # already fits: kept
+    assert finetune_form.method_for({"kind": "labelled"}, "dpo") == "kto"
+    assert finetune_form.method_for({"kind": "sft"}, "kto") == "sft"
+
+
+def test_preference_preview_shows_prompt_and_each_reply_escaped():
+    info = {"kind": "pairs", "preview": [{"prompt": "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+                                          "chosen": "Paris.<|im_end|>\n", "rejected": "Lyon.<|im_end|>\n"}]}
+    html = finetune_form.dataset_preview_html(info)
+    assert "Record 1: prompt" in html and "Record 1: chosen" in html and "Record 1: rejected" in html
+    assert "Paris.&lt;|im_end|&gt;" in html and "&lt;|im_start|&gt;assistant" in html
+    kto = finetune_form.dataset_preview_html({"preview": [{"prompt": "p", "completion": "bad", "label": False}]})
+    assert "Record 1: completion (undesirable)" in kto
 
 
 def test_plan_html_says_whether_it_fits_and_shows_the_warning():
