@@ -101,6 +101,11 @@ def parse_dataset_bytes(data: bytes, name: str, *, method: str | None = "sft",
     if method is not None:
         check_method(name, fmt, method, records[0][0])
     examples = [to_example(rec, fmt, path=name, location=loc) for loc, rec in records]
+    if method == "orpo":  # TRL's ORPO renders no per-record tools: they would be dropped silently
+        for (loc, _), example in zip(records, examples):
+            if example.tools:
+                raise DatasetError(name, "the record has tools, which method 'orpo' cannot render",
+                                   "use --method dpo or kto for records with tools", loc, "tools")
     return Dataset(Path(name), fmt, examples, hashlib.sha256(data).hexdigest())
 
 

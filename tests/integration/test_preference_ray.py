@@ -87,24 +87,38 @@ def test_dpo_metrics_reach_the_registry_and_the_log(ray_cluster, tiny_model_dir)
 
 
 def test_dpo_adapter_serves(ray_cluster, tiny_model_dir):
+    """The serving engine loads the DPO adapter beside the base and generates what peft does with it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sage_ray.data.tokenize import load_tokenizer
+    from sage_ray.inference import encode_chat
     from sage_ray.serve.engines import ModelSpec, SamplingParams, complete, create_engine
 
     lora = run_once("dpo-tiny", model=str(tiny_model_dir), data=str(PAIRS), method="dpo", max_steps=10,
                     lr=5e-3).paths.lora
+    question = [{"role": "user", "content": "What is the capital of France?"}]
 
-    async def serve_once() -> str:
+    async def serve_once():
         engine = create_engine("hf", device="cpu")
         await engine.start(ModelSpec("tiny", str(tiny_model_dir), "base"))
         try:
             await engine.load_adapter(ModelSpec("dpo-tiny-lora", str(lora), "lora", base_path=str(tiny_model_dir)))
-            question = [{"role": "user", "content": "What is the capital of France?"}]
+            assert "dpo-tiny-lora" in engine.adapters
             params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
             return await complete(engine.chat(question, adapter="dpo-tiny-lora", params=params))
         finally:
             await engine.shutdown()
 
-    reply = asyncio.run(serve_once())
-    assert isinstance(reply, str) and reply.strip()
+    served = asyncio.run(serve_once())
+    tokenizer = load_tokenizer(str(lora))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).eval()
+    prompt = torch.tensor([encode_chat(tokenizer, question)])
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=8, min_new_tokens=8, eos_token_id=[], pad_token_id=tokenizer.pad_token_id)
+    assert served.completion_tokens == 8 and served.finish_reason == "length"
+    assert served.text == tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("method", ["kto", "orpo"])

@@ -296,3 +296,10 @@ def test_preview_shows_preference_records_as_the_model_sees_them(tmp_path, token
     assert kto["label"] is False and kto["completion"].endswith("<|im_end|>\n") and "chosen" not in kto
     sft = preview_example(tokenizer, load(tmp_path, OPENAI_RECORD).examples[0])
     assert "<tools>" in sft["rendered"] and "<tool_response>\nsunny, 21 C" in sft["rendered"]
+
+
+def test_orpo_refuses_records_with_tools_it_cannot_render(tmp_path):
+    record = {**PAIR, "tools": OPENAI_TOOLS}
+    assert load(tmp_path, record, method="dpo").examples[0].tools == OPENAI_TOOLS
+    err = refusal(tmp_path, record, method="orpo")
+    assert err.field == "tools" and "--method dpo or kto" in str(err)
