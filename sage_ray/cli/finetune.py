@@ -40,6 +40,9 @@ def start(
     task: Optional[str] = typer.Option(None, help="Kind of task: code, qa, chat, instruction or custom."),
     model: Optional[str] = typer.Option(None, help="Base model: local folder, hub id, 'demo' or 'tiny'. (default: demo)"),
     data: Optional[Path] = typer.Option(None, help="Dataset file, JSON array or JSONL."),
+    method: Optional[str] = typer.Option(None, help="sft (supervised), dpo or orpo (chosen/rejected pairs), kto "
+                                                   "(labelled replies). (default: sft)"),
+    beta: Optional[float] = typer.Option(None, help="dpo/orpo/kto: preference strength (default: 0.1)."),
     preset: Optional[str] = typer.Option(None, help="auto, cpu, minimal, rtx_3060, rtx_4090, a100 or h100. (default: auto)"),
     epochs: Optional[float] = typer.Option(None, help="Training epochs. (default: 1)"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
@@ -65,7 +68,7 @@ def start(
 
     base = load_train_config(config) if config else None
     cfg = build_config(base, task=task, model=model,
-                       data=str(data) if data else None, preset=preset, epochs=epochs, max_steps=max_steps,
+                       data=str(data) if data else None, method=method, beta=beta, preset=preset, epochs=epochs, max_steps=max_steps,
                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
                        lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
                        save_steps=save_steps, cpus_per_worker=cpus_per_worker)

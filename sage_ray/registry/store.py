@@ -55,7 +55,7 @@ class JobRecord(TypedDict, total=False):
     step: int | None
     total_steps: int | None
     loss: float | None
-    loss_history: list[list[float]]  # [[step, loss], ...], steps increasing
+    loss_history: list[list]  # [[step, loss] or [step, loss, {metric: value}], ...], steps increasing
     tokens_per_s: float | None
     eta_s: float | None
     error: str | None
@@ -288,16 +288,18 @@ class RegistryStore:
         if values.get("progress") is not None:
             values["progress"] = min(100.0, max(0.0, float(values["progress"])))
         loss = event.get("loss")
+        # a preference run's metrics (reward accuracy, margins) ride along: [step, loss, {name: value}]
+        point = json.dumps([step, loss] + ([event["metrics"]] if event.get("metrics") else []))
         # SET expressions all read the row as it was, so status and status_detail agree
         sql = (f"UPDATE jobs SET step = ?{''.join(f', {k} = ?' for k in values)}, "
                "loss_history = CASE WHEN ? IS NULL THEN loss_history "
-               "ELSE json_insert(loss_history, '$[#]', json_array(?, ?)) END, "
+               "ELSE json_insert(loss_history, '$[#]', json(?)) END, "
                "status_detail = CASE WHEN status IN ('queued', 'preparing') THEN NULL ELSE status_detail END, "
                "status = CASE WHEN status IN ('queued', 'preparing') THEN 'training' ELSE status END, "
                f"started_at = COALESCE(started_at, ?) "
                f"WHERE task_id = ? AND {_NOT_TERMINAL} AND (step IS NULL OR step < ?)")
         with self._write() as conn:
-            if conn.execute(sql, [step, *values.values(), loss, step, loss, now_iso(), task_id, step]).rowcount:
+            if conn.execute(sql, [step, *values.values(), loss, point, now_iso(), task_id, step]).rowcount:
                 return True
             if self._one(conn, "jobs", "task_id", task_id) is None:
                 raise NotFoundError(f"no job with task id {task_id!r} to report progress to; create_job first")

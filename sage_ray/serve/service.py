@@ -167,7 +167,7 @@ class StudioService:
             raise ServiceError(413, f"dataset {name}: {len(content) / 2**20:.1f} MB is over the "
                                     f"{self.settings.max_upload_mb:g} MB upload limit; split it or raise max_upload_mb")
         try:
-            dataset = parse_dataset_bytes(content, name)
+            dataset = parse_dataset_bytes(content, name, method=None)  # the job checks it against its method
         except Exception as err:
             raise user_error(err) from None
         folder = Path(self.settings.sage_home) / "datasets"
@@ -176,18 +176,14 @@ class StudioService:
         path = folder / f"{stem}_{hashlib.sha256(content).hexdigest()[:8]}.{suffix}"
         path.write_bytes(content)
         return {"path": str(path), "filename": name, "records": len(dataset), "format": dataset.format,
-                "formats": {dataset.format: len(dataset)}, "sha256": dataset.sha256,
+                "kind": dataset.kind, "formats": {dataset.format: len(dataset)}, "sha256": dataset.sha256,
                 "preview": self._preview(dataset.examples[:PREVIEW_RECORDS])}
 
     def _preview(self, examples) -> list[dict[str, Any]]:
-        from sage_ray.data.tokenize import render
+        from sage_ray.data.tokenize import preview_example
 
         tokenizer = self._tokenizer()
-        out = []
-        for example in examples:
-            rendered = example.text if example.messages is None else render(tokenizer, example.messages)
-            out.append({"messages": example.messages, "text": example.text, "rendered": rendered})
-        return out
+        return [preview_example(tokenizer, example) for example in examples]
 
     def _tokenizer(self):
         """The served base model's tokenizer (its chat template is what training will apply)."""

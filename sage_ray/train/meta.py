@@ -54,7 +54,8 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "dataset": result.get("dataset"),
         "metrics": {key: result.get(key) for key in (
             "train_loss", "final_loss", "steps", "epochs", "train_seconds", "tokens_seen",
-            "tokens_per_s", "steady_tokens_per_s", "workers", "device")},
+            "tokens_per_s", "steady_tokens_per_s", "workers", "device", "final_metrics")
+            if key != "final_metrics" or key in result},  # final_metrics: a preference run's rewards
         "loss_history": result.get("loss_history", []),
         "device": device,
         "memory_estimate_gib": round(memory_estimate_gib, 3),

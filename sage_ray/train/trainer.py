@@ -165,7 +165,7 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
 
 
 def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneResult:
-    load_dataset(cfg.data)  # a bad dataset fails here, before any worker starts
+    load_dataset(cfg.data, method=cfg.method)  # a bad dataset fails here, before any worker starts
     model_dir = resolve_model(cfg.model)
     cfg = worker_resources(cfg)
     tracker.update(config=cfg.model_dump(mode="json"))  # the queue reads the job's demand from it

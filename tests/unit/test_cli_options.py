@@ -23,7 +23,7 @@ def test_help_lists_every_mission_option():
     result = CliRunner().invoke(app, ["finetune", "start", "--help"], terminal_width=200)
     assert result.exit_code == 0
     for option in ("--task", "--model", "--data", "--preset", "--epochs", "--batch-size", "--lr", "--lora-r",
-                   "--lora-alpha", "--max-length", "--name", "--merge"):
+                   "--lora-alpha", "--max-length", "--name", "--merge", "--method", "--beta"):
         assert option in result.output, option
 
 

@@ -158,6 +158,14 @@ def test_progress_is_monotonic_and_terminal_states_stay(store: RegistryStore):
     assert job["step"] == 3 and job["loss_history"] == [[1, 2.0], [3, 1.5]] and job["loss"] == 1.5
     with pytest.raises(NotFoundError):
         store.report_progress("nope", event(1))
+
+
+def test_preference_metrics_ride_along_in_the_loss_history(store: RegistryStore):
+    store.create_job("dpo")
+    metrics = {"rewards/accuracies": 0.75, "rewards/margins": 0.12}
+    assert store.report_progress("dpo", {**event(1, 0.69), "metrics": metrics})
+    assert store.report_progress("dpo", event(2, 0.6))
+    assert store.get_job("dpo")["loss_history"] == [[1, 0.69, metrics], [2, 0.6]]
     with pytest.raises(RegistryValueError):
         store.report_progress("t1", {"loss": 1.0})
 
