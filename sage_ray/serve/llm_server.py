@@ -50,6 +50,20 @@ class ModelUnavailableError(SageError, RuntimeError):
     http_status = 503
 
 
+class PromptTooLongError(SageError, ValueError):
+    """A prompt over the Studio's max_prompt_chars, refused before it is tokenized."""
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """The text a chat sends: string contents and the text of content parts."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [content]
+        total += sum(len(p if isinstance(p, str) else str((p or {}).get("text") or "")) for p in parts)
+    return total
+
+
 class GpuLentError(ModelUnavailableError):
     """The GPU is lent to a fine-tune and this engine cannot serve without it."""
 
@@ -236,8 +250,16 @@ class LLMServer:
         spec = await asyncio.to_thread(self.registry.spec, model)
         return await self._engine_for(spec), spec
 
+    def _check_prompt(self, request: dict[str, Any]) -> None:
+        # here, not in the engine: tokenizing a megabyte in the generation thread stalls every chat
+        chars = prompt_chars(request["messages"])
+        if chars > self.settings.max_prompt_chars:
+            raise PromptTooLongError(f"the prompt is {chars} characters, over this Studio's limit of "
+                                     f"{self.settings.max_prompt_chars} (max_prompt_chars): shorten the conversation")
+
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
         stream = _reply(engine, spec, request)
         yield {"model": spec.name, "text": "", "finish_reason": None}
@@ -248,6 +270,7 @@ class LLMServer:
         """One whole reply in one response: no per-token messages for a caller that does not stream."""
         from sage_ray.serve.engines.base import complete
 
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
         delta = await complete(_reply(engine, spec, request))
         return {"model": spec.name, **asdict(delta)}

@@ -51,8 +51,9 @@ def build_openai_router(service) -> APIRouter:
     async def completions(body: CompletionRequest):
         request = await run_in_threadpool(service.chat_request, [{"role": "user", "content": p} for p in body.prompts],
                                           body.model, **body.engine_request())
-        del request["messages"]  # checked (model resolved) like a chat; the engine gets raw prompts
-        requests = [{**r, "prompt": prompt} for prompt in body.prompts for r in _choice_requests(request, body.n)]
+        # checked like a chat (model resolved, prompt size bounded by its messages); the engine gets `prompt` raw
+        requests = [{**r, "messages": [{"role": "user", "content": prompt}], "prompt": prompt}
+                    for prompt in body.prompts for r in _choice_requests(request, body.n)]
         return await _answer(service, body, requests, CompletionFormat(body))
 
     return router
