@@ -46,21 +46,42 @@ class Hyperparameters(Strict):
         return self
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Literal["auto"] = Field("auto", description="How strongly the preferences pull away from the base.")
+
+    @model_validator(mode="after")
+    def _beta(self) -> "DpoHyperparameters":
+        if self.beta != "auto" and not 0 < self.beta <= 10:
+            raise ValueError(f"beta must be 'auto' or in (0, 10], got {self.beta}")
+        return self
+
+
 class Supervised(Strict):
     hyperparameters: Hyperparameters | None = None
+
+
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters | None = None
 
 
 class Method(Strict):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: Dpo | None = None
     reinforcement: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _supervised_only(self) -> "Method":
-        if self.type != "supervised" or self.dpo is not None or self.reinforcement is not None:
-            raise ValueError(f"type {self.type!r}: only 'supervised' fine-tuning is supported by this server")
+    def _one_method(self) -> "Method":
+        if self.type == "reinforcement" or self.reinforcement is not None:
+            raise ValueError("type 'reinforcement' is not supported by this server: use 'supervised' or 'dpo'")
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"type is {self.type!r} but a {other!r} block is given: give the block of its type")
         return self
+
+    def hyperparameters(self) -> Hyperparameters | None:
+        block = self.supervised if self.type == "supervised" else self.dpo
+        return block.hyperparameters if block else None
 
 
 class FineTuneRequest(Strict):
@@ -76,12 +97,16 @@ class FineTuneRequest(Strict):
     def _check(self) -> "FineTuneRequest":
         if self.validation_file is not None:
             raise ValueError("validation_file: held-out evaluation is not supported by this server yet; leave it out")
-        if self.hyperparameters and self.method and self.method.supervised and self.method.supervised.hyperparameters:
-            raise ValueError("give hyperparameters once: in method.supervised.hyperparameters")
+        if self.hyperparameters and self.method and self.method.hyperparameters():
+            raise ValueError(f"give hyperparameters once: in method.{self.method.type}.hyperparameters")
         return self
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method else "supervised"
+
     def effective_hyperparameters(self) -> Hyperparameters:
-        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        nested = self.method.hyperparameters() if self.method else None
         return nested or self.hyperparameters or Hyperparameters()
 
 
@@ -111,6 +136,8 @@ class FineTuning:
                    "epochs": None if hp.n_epochs == "auto" else hp.n_epochs,
                    "batch_size": None if hp.batch_size == "auto" else hp.batch_size,
                    "lr": None if hp.learning_rate_multiplier == "auto" else default_lr() * hp.learning_rate_multiplier}
+        if body.method_type == "dpo":  # the training file holds OpenAI's preference pairs
+            request.update(method="dpo", beta=None if getattr(hp, "beta", "auto") == "auto" else hp.beta)
         return self.job(self.service.create_job(request))
 
     def job(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +149,9 @@ class FineTuning:
         model = self.service.registry.get_task_model(task_id) if status == "succeeded" else None
         hyper = {"n_epochs": config.get("epochs", "auto"), "batch_size": config.get("batch_size") or "auto",
                  "learning_rate_multiplier": round(config["lr"] / default_lr(), 6) if config.get("lr") else "auto"}
+        kind = {"sft": "supervised"}.get(config.get("method") or "sft", config.get("method"))  # orpo, kto: as they are
+        beta = {} if kind == "supervised" else {"beta": config.get("beta") or "auto"}
+        method = {"type": kind, kind: {"hyperparameters": {**hyper, **beta}}}
         error = ({"code": "job_failed", "message": record.get("error") or "the fine-tune failed", "param": None}
                  if status == "failed" else None)
         eta = record.get("eta_s")
@@ -132,7 +162,7 @@ class FineTuning:
                 "training_file": self.files.by_path(config.get("data")) or config.get("data"), "validation_file": None,
                 "result_files": [], "trained_tokens": None, "error": error, "seed": config.get("seed"),
                 "estimated_finish": int(time.time() + eta) if eta and status == "running" else None,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                "method": method,
                 "integrations": [], "metadata": None, "user_provided_suffix": None,
                 "status_detail": record.get("status_detail"), "progress": record.get("progress")}
 

@@ -151,6 +151,16 @@ def openai_jsonl(chat_data, records: int) -> bytes:
     return "".join(json.dumps({"messages": c["messages"]}) + "\n" for c in conversations).encode()
 
 
+def openai_dpo_jsonl(chat_data, records: int) -> bytes:
+    """OpenAI's DPO format from the shipped conversations: the real reply is preferred, the reply
+    to the next conversation (off topic here) is not."""
+    conversations = json.loads(chat_data.read_text())[:records + 1]
+    lines = [{"input": {"messages": c["messages"][:-1]}, "preferred_output": [c["messages"][-1]],
+              "non_preferred_output": [{"role": "assistant", "content": n["messages"][-1]["content"]}]}
+             for c, n in zip(conversations, conversations[1:])]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
 def wait_for(client, job_id: str, statuses: set[str], timeout_s: float = 300):
     import time
 
@@ -202,7 +212,7 @@ def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_d
     import openai
 
     training = client.files.create(file=("train.jsonl", openai_jsonl(chat_data, 8)), purpose="fine-tune")
-    for bad, named in (({"method": {"type": "dpo", "dpo": {}}}, "supervised"),
+    for bad, named in (({"method": {"type": "reinforcement"}}, "reinforcement"),
                        ({"validation_file": training.id}, "validation_file"),
                        ({"hyperparameters": {"n_epochs": 0}}, "n_epochs"),
                        ({"training_file": "file-000000000000000000000000"}, "training_file"),
@@ -216,8 +226,12 @@ def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_d
     assert job.status == "queued" and job.id.startswith("breakfast-") and job.training_file == training.id
     assert job.hyperparameters.batch_size == 2 and job.hyperparameters.learning_rate_multiplier == 2
     assert job.id in {j.id for j in client.fine_tuning.jobs.list()}
-    # a second job waits in the queue behind the first: pause it, resume it, cancel it
-    second = create_when_ready(client, model="tiny", training_file=training.id)
+    # a DPO job waits in the queue behind the first: pause it, resume it, cancel it
+    pairs = client.files.create(file=("pairs.jsonl", openai_dpo_jsonl(chat_data, 6)), purpose="fine-tune")
+    second = create_when_ready(client, model="tiny", training_file=pairs.id,
+                               method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 2}}})
+    assert second.method.type == "dpo" and second.method.dpo.hyperparameters.beta == 0.2
+    assert httpx.get(f"{studio}/api/finetune/tasks/{second.id}", timeout=30).json()["config"]["method"] == "dpo"
     assert client.fine_tuning.jobs.pause(second.id).status == "paused"
     assert client.fine_tuning.jobs.resume(second.id).status in ("queued", "running")
     assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
