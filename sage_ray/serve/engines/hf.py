@@ -25,7 +25,7 @@ import torch
 from sage_ray.inference import stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
 from sage_ray.serve.engines.artifacts import folder_stamp
-from sage_ray.serve.engines.devices import free_memory, pick_dtype
+from sage_ray.serve.engines.devices import free_memory, pad_id, pick_dtype
 from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, Delta, EngineError, ModelSpec, SamplingParams
 from sage_ray.serve.engines.grammar import TokenViews
 from sage_ray.serve.engines.hf_batch import Request, run_batch
@@ -138,7 +138,7 @@ class HFEngine:
             base_path=os.path.realpath(path), model=model, tokenizer=tokenizer,
             stop_ids=stop_token_ids(model, tokenizer),
             context=getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length,
-            pad_id=_pad_id(tokenizer, model), stamp=folder_stamp(path),
+            pad_id=pad_id(tokenizer, model), stamp=folder_stamp(path),
             token_views=TokenViews(model.get_output_embeddings().weight.shape[0]),
         )
         if spec.kind == "lora":
@@ -392,10 +392,3 @@ class HFEngine:
     def _locked(self, fn, *args):
         with self._lock:
             return fn(*args)
-
-
-def _pad_id(tokenizer, model) -> int:
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
