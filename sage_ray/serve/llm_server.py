@@ -41,7 +41,7 @@ from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 log = logging.getLogger("ray.serve")
 DECLARE_WAIT_S = 5.0
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "presence_penalty",
-                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "json_schema")
+                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "json_schema", "tools")
 
 
 class ModelUnavailableError(SageError, RuntimeError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from datetime import datetime
@@ -16,6 +17,30 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from sage_ray.serve.openai_schema import ChatCompletionRequest, CompletionRequest
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """(the text outside the calls, OpenAI tool_calls) of a reply that calls tools in the format of
+    Qwen 2.5/3 and Hermes templates: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+    A block that is not such JSON stays in the text."""
+    calls, kept, last = [], [], 0
+    for match in _TOOL_CALL.finditer(text):
+        try:
+            value = json.loads(match.group(1))
+        except ValueError:
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            continue
+        arguments = value.get("arguments", value.get("parameters", {}))
+        kept.append(text[last:match.start()])
+        last = match.end()
+        calls.append({"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {
+            "name": value["name"], "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+    kept.append(text[last:])
+    return "".join(kept).strip(), calls
 
 
 def _created(iso: str | None) -> int:
@@ -140,14 +165,22 @@ class ChatFormat:
 
     def __init__(self, body: ChatCompletionRequest) -> None:
         self.logprobs = body.logprobs
+        self.tools = body.tools_offered
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def whole(self, base: dict[str, Any], replies: list[dict[str, Any]]) -> dict[str, Any]:
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.get("text") or ""},
-                    "logprobs": {"content": r.get("logprobs") or []} if self.logprobs else None,
-                    "finish_reason": r.get("finish_reason") or "stop"} for i, r in enumerate(replies)]
+        choices = [{"index": i, **self._message(r), "logprobs": {"content": r.get("logprobs") or []}
+                    if self.logprobs else None} for i, r in enumerate(replies)]
         return {**base, "model": replies[0]["model"], "object": "chat.completion", "choices": choices,
                 "usage": _usage(replies, lambda i: 0)}
+
+    def _message(self, reply: dict[str, Any]) -> dict[str, Any]:
+        text, reason = reply.get("text") or "", reply.get("finish_reason") or "stop"
+        calls = parse_tool_calls(text) if self.tools else (text, [])
+        if not calls[1]:
+            return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        return {"message": {"role": "assistant", "content": calls[0] or None, "tool_calls": calls[1]},
+                "finish_reason": "tool_calls"}
 
     def opening(self, index: int) -> dict[str, Any] | None:
         return {"object": self.chunk_object, "choices": [

@@ -117,9 +117,22 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] = ""
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -135,9 +148,50 @@ class ChatMessage(Strict):
             texts.append(TextPart.model_validate(part).text)
         return "".join(texts)  # OpenAI joins text parts with nothing between them
 
-    def engine_message(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if "content" not in self.model_fields_set and not self.tool_calls:
+            raise ValueError("content: required (only an assistant message with tool_calls may leave it out)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries them")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: give it exactly on role 'tool' messages (the call it answers)")
+        return self
+
+    def engine_message(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for the system message
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.content}
+        if self.tool_calls:  # chat templates take the arguments as an object, OpenAI sends them as text
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_object(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"tool_calls: arguments is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError("tool_calls: arguments must be a JSON object")
+    return value
+
+
+class FunctionDef(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatCompletionRequest(Sampling):
@@ -147,16 +201,22 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(None, max_length=64)
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools: tool calling is not implemented by this server; leave tools and "
-                             "tool_choice out")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
+                             "call a tool; forcing a call is not implemented)")
+        if self.tools and self.stream:
+            raise ValueError("tools: not supported with stream: true (tool calls are parsed from the whole "
+                             "reply); send stream: false")
+        if self.parallel_tool_calls is False:
+            raise ValueError("parallel_tool_calls: false is not supported; every call the model makes is returned")
         schema = self.response_format.target_schema() if self.response_format else None
         if schema is not None:
             from sage_ray.serve.engines.grammar import GrammarError, json_grammar
@@ -173,7 +233,14 @@ class ChatCompletionRequest(Sampling):
             params.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if self.response_format and self.response_format.target_schema() is not None:
             params["json_schema"] = self.response_format.target_schema()
+        if self.tools_offered:
+            params["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
         return params
+
+    @property
+    def tools_offered(self) -> bool:
+        """Tools go into the prompt (tool_choice 'none': the model is not shown them)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class CompletionRequest(Sampling):

@@ -122,8 +122,8 @@ def test_what_is_not_supported_is_refused_with_400_naming_it(client, studio):
     import openai
 
     cases = [
-        ({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]},
-         "tools"),
+        ({"tools": WEATHER, "tool_choice": "required"}, "tool_choice"),
+        ({"tools": WEATHER, "stream": True}, "stream"),
         ({"extra_body": {"audio": {"voice": "alloy", "format": "wav"}}}, "audio"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
          "Unimplemented keys"),
@@ -142,6 +142,49 @@ def test_what_is_not_supported_is_refused_with_400_naming_it(client, studio):
     assert "suffix" in err.value.message
     raw = httpx.post(f"{studio}/v1/chat/completions", json={"messages": HI, "functions": [{"name": "f"}]}, timeout=30)
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "functions"
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+PLAIN_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                  "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_tools_go_through_the_models_own_template(client, ray_cluster):
+    import openai
+    import ray
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sage_ray.models import resolve_model
+    from sage_ray.registry import get_registry
+
+    history = HI + [{"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    plain = client.chat.completions.create(model=MODEL, messages=history, max_tokens=2, temperature=0)
+    offered = client.chat.completions.create(model=MODEL, messages=history, tools=WEATHER, tool_choice="auto",
+                                             max_tokens=2, temperature=0)
+    hidden = client.chat.completions.create(model=MODEL, messages=history, tools=WEATHER, tool_choice="none",
+                                            max_tokens=2, temperature=0)
+    assert offered.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the definitions are in the prompt
+    assert hidden.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert offered.choices[0].finish_reason in ("length", "stop")  # the random model calls nothing
+    # an adapter carries its own tokenizer, so its template serves it: one without tools is refused
+    base = resolve_model("tiny", progress=False)
+    folder = ray_cluster.sage_home / "adapters" / "tiny-no-tools"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules="all-linear")
+                   ).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    ray.get(get_registry(ray_cluster.sage_home).upsert_artifact.remote(
+        {"name": "tiny-no-tools", "kind": "lora", "path": str(folder), "base_model": "tiny"}))
+    assert client.chat.completions.create(model="tiny-no-tools", messages=HI, max_tokens=2).choices
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-no-tools", messages=HI, tools=WEATHER, max_tokens=2)
+    assert "does not render tools" in err.value.message
 
 
 # ---- the fine-tuning API -------------------------------------------------------------------

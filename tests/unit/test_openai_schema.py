@@ -35,8 +35,12 @@ def test_every_unknown_or_unimplemented_field_is_refused_by_name():
     for field, value in (("audio", {"voice": "alloy"}), ("modalities", ["text", "audio"]), ("suffix", "x"),
                          ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {})):
         assert field in refused(ChatCompletionRequest, {"messages": USER, field: value})
-    assert "tool calling is not implemented" in refused(
-        ChatCompletionRequest, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert "only 'auto' and 'none'" in refused(ChatCompletionRequest, {"messages": USER, "tools": tools,
+                                                                       "tool_choice": "required"})
+    assert "stream" in refused(ChatCompletionRequest, {"messages": USER, "tools": tools, "stream": True})
+    assert "parallel_tool_calls" in refused(ChatCompletionRequest, {"messages": USER, "tools": tools,
+                                                                    "parallel_tool_calls": False})
     assert "name" in refused(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x", "name": "bob"}]})
     assert "suffix" in refused(CompletionRequest, {"prompt": "x", "suffix": "y"})
     assert "best_of" in refused(CompletionRequest, {"prompt": "x", "best_of": 3})
@@ -117,8 +121,7 @@ def test_fine_tune_request_maps_hyperparameters_and_refuses_the_rest():
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # values for the refused parameters that a type check alone would not refuse
-REFUSED_SAMPLES = {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
-                   "best_of": 3, "suffix": "x"}
+REFUSED_SAMPLES = {"tool_choice": "required", "parallel_tool_calls": False, "best_of": 3, "suffix": "x"}
 
 
 def readme_rows() -> list[tuple[str, list[str], str]]:
@@ -148,3 +151,26 @@ def test_readme_table_matches_the_request_models():
                 refused(model, {**base[model], name: REFUSED_SAMPLES.get(name, {"x": 1})})
             checked += 1
     assert checked > 40
+
+
+def test_tool_messages_convert_for_the_template_and_calls_parse_back():
+    from sage_ray.serve.openai_api import parse_tool_calls
+
+    body = ChatCompletionRequest.model_validate({"messages": USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]})
+    assistant, tool = (m.engine_message() for m in body.messages[1:])
+    assert assistant["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}  # templates take an object
+    assert tool == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    assert body.engine_request()["tools"][0]["function"]["name"] == "get_weather"
+    assert "tools" not in ChatCompletionRequest.model_validate(
+        {"messages": USER, "tools": body.model_dump()["tools"], "tool_choice": "none"}).engine_request()
+    assert "tool_call_id" in refused(ChatCompletionRequest, {"messages": [{"role": "tool", "content": "x"}]})
+    assert "content: required" in refused(ChatCompletionRequest, {"messages": [{"role": "user"}]})
+    text, calls = parse_tool_calls('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+                                   '{"city": "Paris"}}\n</tool_call><tool_call>not json</tool_call>')
+    assert text == "Let me check.\n<tool_call>not json</tool_call>"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_weather", '{"city": "Paris"}')]
+    assert parse_tool_calls("no calls here") == ("no calls here", [])

@@ -94,6 +94,9 @@ class SamplingParams:
     """With logprobs: also the N most likely tokens at each position (0..20)."""
     json_schema: dict | None = None
     """Constrain the reply to JSON matching this JSON Schema ({"type": "object"}: any JSON object)."""
+    tools: list[dict] | None = None
+    """OpenAI-style function definitions, rendered into the prompt by the model's chat template
+    (which must use `tools`); the caller parses tool calls out of the reply."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -121,7 +124,7 @@ class SamplingParams:
 
 BASIC_SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos"})
 OPENAI_SAMPLING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-                             "json_schema"})  # the fields added for OpenAI's API; an engine lists those it honours
+                             "json_schema", "tools"})  # the fields added for OpenAI's API; an engine lists those it honours
 
 
 def check_supported(engine, params: dict, *, raw_prompt: bool = False) -> None:
