@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from sage_ray import env
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("completed", "failed", "cancelled")
 SWITCH_TIMEOUT_S = 660.0  # the Studio waits up to 600 s for a new model to load before answering
@@ -137,10 +139,10 @@ class StudioClient:
     """A client for the Studio at `url`; `api_key` is sent as `Authorization: Bearer <key>`."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
-        self.url = (url or os.environ.get("SAGE_STUDIO_URL") or DEFAULT_URL).rstrip("/")
+        self.url = (url or env.value("SAGE_STUDIO_URL") or DEFAULT_URL).rstrip("/")
         if self.url.endswith("/v1"):  # an OpenAI base URL given by habit: the Studio's root is one level up
             self.url = self.url[:-3]
-        api_key = api_key or os.environ.get("SAGE_STUDIO_API_KEY") or None
+        api_key = api_key or env.value("SAGE_STUDIO_API_KEY") or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.jobs = Jobs(self)

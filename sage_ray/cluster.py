@@ -27,13 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sage_ray import env
+from sage_ray.errors import SageError
 from sage_ray.paths import sage_home
 
 STATE_FILE = "cluster.json"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(SageError, RuntimeError):
     """No cluster could be joined or started; the message says what to do."""
 
 
@@ -55,7 +57,7 @@ def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or env.value("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         address = _gcs_for_dashboard(address)
     # "local": ray.init(None) would join whatever cluster was started last on this machine
@@ -74,7 +76,7 @@ def dashboard_url() -> str:
     from ray._private.services import get_webui_url_from_internal_kv
 
     connect()
-    url = os.environ.get("RAY_OVERRIDE_DASHBOARD_URL") or get_webui_url_from_internal_kv()
+    url = env.value("RAY_OVERRIDE_DASHBOARD_URL") or get_webui_url_from_internal_kv()
     if not url:
         raise ClusterError("the connected Ray cluster has no dashboard, which Ray Jobs need; start it with "
                            "`ray start --head --include-dashboard=true` (or use `sage finetune start`, which does)")
@@ -94,7 +96,7 @@ def find_cluster(address: str | None = None) -> ClusterInfo | None:
 
     if ray.is_initialized():
         return ClusterInfo(ray.get_runtime_context().gcs_address, dashboard_url())
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or env.value("RAY_ADDRESS")
     if address:
         if address.startswith(("http://", "https://")):
             address = _gcs_for_dashboard(address)
@@ -155,11 +157,11 @@ def _ray_start(num_cpus: int | None, dashboard_port: int) -> tuple[ClusterInfo |
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     # jobs run `python -m sage_ray.train`: this interpreter's folder first on the cluster's PATH
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SAGE_HOME": str(sage_home()),
+    child_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SAGE_HOME": str(sage_home()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    child_env.pop("RAY_ADDRESS", None)
     info = ClusterInfo(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", True, temp_dir)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
         return info, ""
     stop_local_cluster(info)  # what started before the failure

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sage_ray.errors import SageError
+
 TaskType = Literal["code", "qa", "chat", "instruction", "custom"]
 PresetName = Literal["auto", "cpu", "minimal", "rtx_3060", "rtx_4090", "a100", "h100"]
 Method = Literal["sft", "dpo", "orpo", "kto"]
@@ -119,7 +121,7 @@ def format_validation_error(err: ValidationError, source: str | None = None) -> 
     return "\n".join(lines)
 
 
-class ConfigError(ValueError):
+class ConfigError(SageError, ValueError):
     """A config file or value that cannot be used; the message says where and how to fix it."""
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
+from sage_ray.artifacts import is_adapter
 
 
 def load_chat_model(path: str | Path):

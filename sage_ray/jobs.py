@@ -12,48 +12,27 @@ actor, on the head node, never from this process's disk.
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sage_ray import cluster, storage
+from sage_ray import env as sage_env
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
-from sage_ray.placement import TRAIN_RESOURCES_ENV
+from sage_ray import ray_jobs
+from sage_ray.errors import JobError, JobNotFoundError, JobStateError, JobTimeoutError
+from sage_ray.ray_jobs import GONE
 from sage_ray.registry.client import RegistryClient
-from sage_ray.registry.queue import LIMIT_ENV, concurrency_limit
+from sage_ray.registry.queue import concurrency_limit
 from sage_ray.registry import taskfiles
 from sage_ray.registry.status import ACTIVE, RESUMABLE, TERMINAL, JobStatus
 from sage_ray.registry.taskfiles import task_paths
 from sage_ray.train import publish
 
 log = logging.getLogger(__name__)
-FORWARDED_ENV = ("SAGE_HOME", LIMIT_ENV, TRAIN_RESOURCES_ENV)  # the submitter's settings the job must share
-_GONE = "gone"
-AGENT_WAIT_S = 60.0
 
 
-class JobError(Exception):
-    """Base of the job errors; each message says what to do next."""
-
-
-class JobNotFoundError(JobError, LookupError):
-    """No job with that task id."""
-
-
-class JobStateError(JobError):
-    """Not possible in the job's current state (delete a running job, resume a completed one)."""
-
-
-class JobTimeoutError(JobError, TimeoutError):
-    """wait() ran out of time; the job itself keeps running."""
-
-
-def dashboard_url() -> str:
-    """The dashboard URL (Ray Jobs API) of the connected cluster."""
-    return cluster.dashboard_url()
+dashboard_url = ray_jobs.dashboard_url  # the cluster's dashboard, where its Ray jobs show
 
 
 class _JobsRegistry(RegistryClient):
@@ -84,28 +63,6 @@ def _registry() -> _JobsRegistry:
     if key not in _registries:
         _registries[key] = _JobsRegistry()
     return _registries[key]
-
-
-_clients: dict[str, Any] = {}
-
-
-def _client():
-    from ray.job_submission import JobSubmissionClient
-
-    url = dashboard_url()
-    if url not in _clients:
-        _clients[url] = JobSubmissionClient(url)
-    return _clients[url]
-
-
-def _python() -> str:
-    """This interpreter when the job runs on this machine or this process is in the cluster
-    (same install); `python` on the cluster's PATH otherwise."""
-    import ray._private.worker as worker
-
-    if cluster.is_loopback(dashboard_url()) or worker.global_worker.mode == worker.WORKER_MODE:
-        return sys.executable
-    return "python"
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:
@@ -146,35 +103,10 @@ def submit(cfg: TrainConfig, *, address: str | None = None) -> str:
 
 
 def _start_ray_job(task_id: str, config_path: str, home: str, *, submission_id: str) -> None:
-    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)} | storage.forwarded_env()
+    env = sage_env.forwarded("jobs")  # the submitter's settings the job must share
     env["SAGE_HOME"] = home  # the registry's home, which the job's records and files belong to
-    entrypoint = " ".join(shlex.quote(part) for part in (
-        _python(), "-m", "sage_ray.train", config_path, "--name", task_id))
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            _client().submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                 runtime_env={"env_vars": env}, metadata={"sage_task_id": task_id})
-            break
-        except Exception as err:  # the Jobs API answers HTTP errors as RuntimeError, and more
-            # a cluster that has just started has no job agent for a few seconds
-            if "No available agent" in str(err) and time.monotonic() < deadline:
-                time.sleep(1.0)
-                continue
-            raise JobError(f"Ray Jobs did not accept job {task_id!r}: {err}\n"
-                           f"Check the cluster's dashboard at {dashboard_url()}") from err
+    ray_jobs.submit(task_id, config_path, env, submission_id=submission_id)
     _registry().update_job(task_id, ray_job_id=submission_id)
-
-
-def _ray_info(submission_id: str):
-    """Ray's JobDetails for a submission, _GONE if Ray does not know it, None if unreachable."""
-    try:
-        return _client().get_job_info(submission_id)
-    except Exception as err:  # HTTP errors come as RuntimeError, an unreachable dashboard as others
-        if "does not exist" in str(err) or "404" in str(err):
-            return _GONE
-        log.warning("could not ask Ray Jobs about %s (the record is shown as it is): %s", submission_id, err)
-        return None
 
 
 def _reconcile(job: dict, info: Any) -> dict:
@@ -182,8 +114,8 @@ def _reconcile(job: dict, info: Any) -> dict:
     if job["status"] in TERMINAL or info is None:
         return job
     task_id = job["task_id"]
-    ray_status = None if info == _GONE else getattr(info.status, "value", str(info.status))
-    if info == _GONE:
+    ray_status = None if info == GONE else getattr(info.status, "value", str(info.status))
+    if info == GONE:
         fields = {"status": JobStatus.FAILED, "error": f"its Ray job {job['ray_job_id']} is gone (was the cluster "
                                                f"restarted?); continue it: sage finetune resume {task_id}"}
     elif ray_status == "FAILED":
@@ -205,7 +137,7 @@ def get(task_id: str) -> dict:
         raise JobNotFoundError(f"no fine-tune job {task_id!r}; `sage finetune list` shows them")
     if job["status"] in TERMINAL or not job.get("ray_job_id"):
         return job
-    return _reconcile(job, _ray_info(job["ray_job_id"]))
+    return _reconcile(job, ray_jobs.info(job["ray_job_id"]))
 
 
 def list_jobs() -> list[dict]:
@@ -214,11 +146,11 @@ def list_jobs() -> list[dict]:
     if not any(job["status"] not in TERMINAL and job.get("ray_job_id") for job in records):
         return records
     try:
-        ray_jobs = {info.submission_id: info for info in _client().list_jobs() if info.submission_id}
+        known = ray_jobs.all_info()
     except Exception as err:
         log.warning("could not list Ray jobs: %s", err)
         return records
-    return [_reconcile(job, ray_jobs.get(job["ray_job_id"], _GONE)) if job.get("ray_job_id") else job
+    return [_reconcile(job, known.get(job["ray_job_id"], GONE)) if job.get("ray_job_id") else job
             for job in records]
 
 
@@ -239,45 +171,8 @@ def cancel(task_id: str, timeout_s: float = 10) -> dict:
     if done is None:  # it finished meanwhile
         return cancel(task_id, max(0.0, deadline - time.monotonic()))
     if job.get("ray_job_id"):
-        _stop_ray_job(job["ray_job_id"], deadline, timeout_s)
+        ray_jobs.stop(job["ray_job_id"], deadline, timeout_s)
     return _registry().get_job(task_id)
-
-
-def _stop_ray_job(submission_id: str, deadline: float, timeout_s: float) -> None:
-    """`ray job stop`, then wait until Ray says it ended and none of its actors lives."""
-    client = _client()
-    try:
-        client.stop_job(submission_id)
-    except RuntimeError as err:
-        if "does not exist" in str(err):
-            return
-        raise JobError(f"could not stop Ray job {submission_id}: {err}") from err
-    left: list[str] = []
-    while True:
-        info = _ray_info(submission_id)
-        if info == _GONE:
-            return
-        if info is not None and info.status.is_terminal():
-            left = _live_actors(info.job_id)
-            if not left:
-                return
-        if time.monotonic() > deadline:
-            raise JobError(f"Ray job {submission_id} did not stop within {timeout_s:g}s (status "
-                           f"{getattr(info, 'status', '?')}, actors left: {left or 'none'}); stop it with "
-                           f"`ray job stop {submission_id}`, or end those actors with ray.kill")
-        time.sleep(0.2)
-
-
-def _live_actors(job_hex: str | None) -> list[str]:
-    """The job's actors still alive (its Ray Train controller and workers), as class names;
-    detached ones (the registry, when this job happened to create it) outlive jobs by design."""
-    if not job_hex:
-        return []
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=dashboard_url(), filters=[("job_id", "=", job_hex), ("state", "=", "ALIVE")],
-                         detail=True, raise_on_missing_output=False)
-    return [actor.class_name for actor in actors if not actor.is_detached]
 
 
 def delete(task_id: str) -> None:
@@ -287,12 +182,7 @@ def delete(task_id: str) -> None:
         raise JobStateError(f"job {task_id!r} is {job['status']}; cancel it first: sage finetune cancel {task_id}")
     _registry().delete_task(task_id)
     publish.forget(task_id)  # its shared copy (SAGE_STORAGE), if any
-    client = _client()
-    for submission_id in _submission_ids(job):
-        try:
-            client.delete_job(submission_id)  # frees the id, so a new job may take the name
-        except Exception:
-            pass  # Ray never had it, or has forgotten it (cluster restarted)
+    ray_jobs.forget(_submission_ids(job))  # frees the ids, so a new job may take the name
 
 
 def _submission_ids(job: dict) -> list[str]:

@@ -28,6 +28,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from sage_ray import env
+from sage_ray.errors import SageError
+
 TRAIN_RESOURCES_ENV = "SAGE_TRAIN_RESOURCES"
 AUTOSCALING_CONFIG_ENV = "SAGE_AUTOSCALING_CONFIG"
 AUTOSCALING_CONFIG_FLAG = "--autoscaling-config="  # on the command line of the head's autoscaler
@@ -36,7 +39,7 @@ CHAT_HOLDS_GPU = "waiting for GPU held by the chat model"
 EPSILON = 1e-6
 
 
-class PlacementError(ValueError):
+class PlacementError(SageError, ValueError):
     """A resource setting that cannot be used; the message names it and the fix."""
 
 
@@ -126,24 +129,6 @@ def gpu_conflict(need: dict[str, float], hold: dict[str, Any] | None,
     return "borrow", "borrowing the GPU of the chat model (gpu_policy 'release'); it takes it back after the job"
 
 
-def borrow_gpu(hold: dict[str, Any], task_id: str, timeout_s: float = 600) -> None:
-    """Ask the chat model's deployment to leave its GPU to `task_id` (see LLMServer.release_gpu)."""
-    _llm_handle(hold).release_gpu.remote(task_id).result(timeout_s=timeout_s)
-
-
-def return_gpu(hold: dict[str, Any], task_id: str, timeout_s: float = 600) -> None:
-    """Give the GPU back to the chat model; it reloads there once no job borrows it any more."""
-    _llm_handle(hold).reclaim_gpu.remote(task_id).result(timeout_s=timeout_s)
-
-
-def _llm_handle(hold: dict[str, Any]):
-    from ray import serve
-
-    from sage_ray.serve.settings import LLM_DEPLOYMENT
-
-    return serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=hold["app"])
-
-
 def autoscaler_ceiling() -> dict[str, float] | None:
     """The most of each resource the cluster's autoscaler may bring up, head included; None when
     the cluster does not autoscale (a local or `ray start` cluster: what is there is all).
@@ -156,7 +141,7 @@ def autoscaler_ceiling() -> dict[str, float] | None:
     from_gcs = _ceiling_from_gcs()
     if from_gcs:
         return from_gcs
-    path = os.environ.get(AUTOSCALING_CONFIG_ENV) or running_autoscaler_config()
+    path = env.value(AUTOSCALING_CONFIG_ENV) or running_autoscaler_config()
     if not path:
         return None
     try:

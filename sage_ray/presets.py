@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_ray.config import LoraConfig, TrainConfig
+from sage_ray.errors import SageError
 
 GiB = 1024**3
 
@@ -203,7 +204,7 @@ def estimate_memory(model_config: dict[str, Any], cfg: TrainConfig, device_kind:
     return MemoryEstimate(weights, trainable, activations, logits, overhead, params, lora_params)
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(SageError, RuntimeError):
     """The estimate exceeds the worker's device; the message gives the estimate and what to try."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from sage_ray import env
 from sage_ray.paths import sage_home
 
 log = logging.getLogger(__name__)
@@ -59,21 +60,16 @@ def is_uri(path: str | os.PathLike) -> bool:
 def shared_root() -> str | None:
     """Where artifacts are shared beyond this machine: `SAGE_STORAGE` (an `s3://bucket/prefix`
     URI or a mounted folder), or None: SAGE_HOME alone, the single-machine default."""
-    root = os.environ.get("SAGE_STORAGE", "").strip()
-    return root or None
-
-
-# What configures shared storage: forwarded to Ray jobs, training workers and Serve replicas,
-# which do not inherit the submitting shell's environment. Secrets (AWS_ACCESS_KEY_ID, ...)
-# are not forwarded: a job's environment is readable on the dashboard; give nodes an instance
-# role, or put the keys in a file that AWS_SHARED_CREDENTIALS_FILE names on every node.
-STORAGE_ENV = ("SAGE_STORAGE", "SAGE_S3_ENDPOINT", "SAGE_CACHE_MAX_BYTES", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED")
+    return env.value("SAGE_STORAGE")
 
 
 def forwarded_env() -> dict[str, str]:
-    """The storage settings of this process, for the runtime_env of what runs elsewhere."""
-    return {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
+    """The storage settings of this process, for the runtime_env of what runs elsewhere (Ray
+    jobs, training workers and Serve replicas do not inherit the submitting shell's environment).
+    Secrets (AWS_ACCESS_KEY_ID, ...) are not forwarded: a job's environment is readable on the
+    dashboard; give nodes an instance role, or put the keys in a file that
+    AWS_SHARED_CREDENTIALS_FILE names on every node. The list: sage_ray.env.TABLE."""
+    return env.forwarded("everywhere")
 
 
 def task_uri(task_id: str) -> str | None:
@@ -136,11 +132,11 @@ def filesystem(uri: str | os.PathLike):
     if not is_uri(target):
         return pafs.LocalFileSystem(), str(Path(target).expanduser().absolute())
     split = urlsplit(target)
-    endpoint = os.environ.get("SAGE_S3_ENDPOINT")
+    endpoint = env.value("SAGE_S3_ENDPOINT")
     if split.scheme == "s3" and endpoint and not split.query:
         # pyarrow reads AWS_ENDPOINT_URL itself; SAGE_S3_ENDPOINT points only sage-ray at a
         # server without redirecting every other AWS client in the process.
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        region = env.value("AWS_REGION") or env.value("AWS_DEFAULT_REGION") or "us-east-1"
         return pafs.S3FileSystem(endpoint_override=endpoint, region=region), split.netloc + split.path.rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(target)
@@ -367,7 +363,7 @@ def _cache_key(uri: str) -> str:
 
 
 def _default_limit() -> int:
-    raw = os.environ.get("SAGE_CACHE_MAX_BYTES")
+    raw = env.value("SAGE_CACHE_MAX_BYTES")
     try:
         return int(raw) if raw else DEFAULT_MAX_CACHE_BYTES
     except ValueError as err:

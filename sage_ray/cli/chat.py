@@ -6,13 +6,13 @@ and keeps the conversation's history; `/reset` forgets it, `/exit` (or end of in
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Optional
 from urllib.parse import urlparse
 
 import typer
 
+from sage_ray import env
 from sage_ray.cli.common import console, fail
 
 BACKENDS = ("studio", "finetune", "openai", "vllm")
@@ -100,7 +100,7 @@ def run_chat(backend: str, finetune_model: str | None, model: str | None, base_u
             fail(f"--backend {backend} needs the server: --base-url URL (e.g. http://127.0.0.1:8001/v1)")
         if backend == "openai" and not model:
             fail("--backend openai needs --model (the server's model name)")
-        client = _client(base_url, api_key or os.environ.get("OPENAI_API_KEY"))
+        client = _client(base_url, api_key or env.value("OPENAI_API_KEY"))
     else:
         client = _client(base_url, api_key)
     with client:

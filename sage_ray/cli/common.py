@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from sage_ray.config import TrainConfig
+from sage_ray.errors import SageError
 from sage_ray.registry.status import JobStatus
 
 console = Console(stderr=True)
@@ -44,12 +45,9 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
 
 def run_with_progress(cfg: TrainConfig, address: str | None):
     """Run `finetune` here, with a progress bar fed from the task's log; user errors exit 1."""
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.models import ModelNotFoundError
     from sage_ray.paths import TaskPaths
-    from sage_ray.presets import DoesNotFitError
-    from sage_ray.train.trainer import TrainingError, finetune, new_task_id
+    from sage_ray.train.callbacks import ECHO
+    from sage_ray.train.trainer import finetune, new_task_id
 
     cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task)})
     paths = TaskPaths(cfg.name)
@@ -62,11 +60,13 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
         bar = progress.add_task(cfg.name, total=None, loss="-", rate="-", visible=False)
         follower = threading.Thread(target=_follow_log, args=(paths.train_log, progress, bar, stop), daemon=True)
         follower.start()
+        ECHO["stdout"] = False  # the follower prints train.log: an echo too would show each line twice
         try:
             return finetune(cfg, address=address, log_to_driver=False)
-        except (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError, TrainingError) as err:
+        except SageError as err:
             error = err
         finally:
+            ECHO["stdout"] = True
             time.sleep(0.4)  # let the follower print the last lines
             stop.set()
             follower.join()
@@ -77,14 +77,9 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
 def jobs_call(function, *args, **kwargs):
     """Run a jobs / cluster call; the user's mistakes (bad config or dataset, unknown task, wrong
     state, no cluster) exit 1 with their message instead of a traceback."""
-    from sage_ray.cluster import ClusterError
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.jobs import JobError
-
     try:
         return function(*args, **kwargs)
-    except (ConfigError, DatasetError, JobError, ClusterError) as err:
+    except SageError as err:
         fail(str(err))
 
 

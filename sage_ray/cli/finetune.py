@@ -191,20 +191,29 @@ def _join(address: str | None) -> None:
 @app.command("list")
 def list_tasks() -> None:
     """Every fine-tune job in the registry: id, status, progress, loss, model."""
-    from rich.table import Table
-
     jobs = local_registry().list_jobs()
     if not jobs:
         console.print("no fine-tune jobs yet: `sage finetune quickstart chat` runs one")
         return
-    table = Table("task id", "status", "progress", "step", "loss", "model", "created")
+    Console().print(jobs_table(jobs))
+
+
+def jobs_table(jobs: list[dict]):
+    """The jobs as a table whose task ids are never cut (they are copied into other commands):
+    on a narrow terminal the other columns wrap instead."""
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("task id", no_wrap=True, min_width=max(len(job["task_id"]) for job in jobs))
+    for header in ("status", "progress", "step", "loss", "model", "created"):
+        table.add_column(header, overflow="fold")
     for job in jobs:
         config = job.get("config") or {}
         step = f"{job.get('step') or 0}/{job.get('total_steps') or '?'}"
         loss = f"{job['loss']:.4f}" if job.get("loss") is not None else "-"
         table.add_row(job["task_id"], status_text(job), f"{job.get('progress') or 0:.0f}%", step, loss,
                       str(config.get("model", "?")), (job.get("created_at") or "")[:19])
-    Console().print(table)
+    return table
 
 
 @app.command()

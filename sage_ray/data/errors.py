@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sage_ray.errors import SageError
+
 
 def json_type(value: Any) -> str:
     """Name a parsed JSON value's type the way a user reading the file would."""
@@ -22,7 +24,7 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
-class DatasetError(ValueError):
+class DatasetError(SageError, ValueError):
     """A dataset problem, located in its file, with the fix.
 
     `str(err)` reads like: "data/train.jsonl, line 3: field 'output' must be a string,
@@ -50,6 +52,9 @@ class DatasetError(ValueError):
         # Ray pickles exceptions across processes; the default rebuild would call
         # __init__ with the message only and fail.
         return (type(self), (self.path, self.problem, self.fix, self.location, self.field))
+
+    def detail(self) -> dict[str, str | None]:
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, str | None]:
         """The parts of the error, for JSON API responses."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sage_ray import env
 from sage_ray.data.errors import DatasetError, json_type
 from sage_ray.data.formats import KINDS, Example, detect_format, to_example, unknown_format_error
 
@@ -50,7 +51,7 @@ def max_dataset_bytes(max_bytes: int | None = None) -> int:
     """The size limit: `max_bytes`, else $SAGE_MAX_DATASET_MB (read now), else 512 MiB."""
     if max_bytes is not None:
         return max_bytes
-    raw = os.environ.get(MAX_DATASET_ENV, "").strip()
+    raw = env.value(MAX_DATASET_ENV, "")
     if not raw:
         return MAX_DATASET_BYTES
     try:

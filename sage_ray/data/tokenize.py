@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from sage_ray.errors import SageError
+
 if TYPE_CHECKING:
     from sage_ray.data import Example
 
@@ -26,7 +28,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(SageError, ValueError):
     """The model's chat template cannot be used to build masked training examples."""
 
 

@@ -17,32 +17,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Iterator, Literal, TypedDict
 
+from sage_ray.errors import (AlreadyExistsError, InUseError, NotFoundError,  # noqa: F401 (re-exported)
+                             RegistryError, RegistryValueError)
+from sage_ray.models import BUILTIN, DEMO_NAME, TINY_NAME
 from sage_ray.registry.status import RUNNING, STATUSES, TERMINAL, JobStatus  # noqa: F401 (re-exported)
 
 KINDS = ("base", "lora", "merged")
+RESERVED_NAMES = frozenset({*BUILTIN, TINY_NAME, DEMO_NAME})  # what `model: demo` / `tiny` must always mean
 ACTIVE_MODEL_KEY = "active_model"
 SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
-
-
-class RegistryError(Exception):
-    """Base of the registry's errors; each message says what to do next."""
-
-
-class NotFoundError(RegistryError, LookupError):
-    """No artifact or job by that name."""
-
-
-class AlreadyExistsError(RegistryError):
-    """The name or task id is taken."""
-
-
-class InUseError(RegistryError):
-    """Refused: the artifact is the active model, or the job is still running."""
-
-
-class RegistryValueError(RegistryError, ValueError):
-    """An unknown field, or a value outside its choices."""
 
 
 class ArtifactRecord(TypedDict, total=False):
@@ -246,12 +230,20 @@ class RegistryStore:
     def create_job(self, task_id: str, *, config: dict[str, Any] | None = None, ray_job_id: str | None = None,
                    status: str = JobStatus.QUEUED, status_detail: str | None = None,
                    log_path: str | None = None) -> JobRecord:
-        """Record a new job; refused when the task id is taken."""
+        """Record a new job; refused when the task id is taken, by a job, a built-in model's name
+        or another model's registry name: the task's models are registered under its id, and
+        must never replace what a client asking for that name expects."""
         _check_choice(status, STATUSES, "status")
+        if task_id in RESERVED_NAMES:
+            raise AlreadyExistsError(f"{task_id!r} is the name of a built-in model; pick another --name")
         row = {"task_id": task_id, "ray_job_id": ray_job_id, "config": config, "status": status,
                "status_detail": status_detail, "log_path": log_path, "created_at": now_iso(),
                "queued_at": now_precise() if status == JobStatus.QUEUED else None}
         with self._write() as conn:
+            owner = conn.execute("SELECT task_id, kind FROM artifacts WHERE name = ?", (task_id,)).fetchone()
+            if owner is not None and owner["task_id"] != task_id:
+                raise AlreadyExistsError(f"{task_id!r} is the registry name of a {owner['kind']} model already; "
+                                         "pick another --name (sage llm model show lists the names)")
             try:
                 conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                              [_encode(k, v) for k, v in row.items()])

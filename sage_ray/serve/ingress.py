@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from sage_ray.serve.settings import INGRESS_DEPLOYMENT, StudioSettings
@@ -34,13 +35,16 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from sage_ray.serve.llm_server import ModelUnavailableError
-    from sage_ray.serve.resolve import ModelRefError
-    from sage_ray.serve.service import ServiceError, user_error
+    from sage_ray.errors import SageError
+    from sage_ray.serve.service import ServiceError
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, err: ServiceError):
-        return _error(err.status, str(err), err.detail)
+        return _error(err.status, str(err), err.detail())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException):  # 404 route, 405, 413 from the guard
+        return _error(err.status_code, str(err.detail))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
@@ -51,21 +55,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
         inner = _unwrap(err)
-        if isinstance(inner, ModelUnavailableError):
-            return _error(503, str(inner))
-        if isinstance(inner, ModelRefError):
-            return _error(inner.status, str(inner))
-        try:
-            mapped = user_error(inner)
-        except Exception:
-            log.exception("StudioIngress: unexpected error")
-            return _error(500, f"internal error: {type(inner).__name__}: {inner}")
-        return _error(mapped.status, str(mapped), mapped.detail)
+        if isinstance(inner, SageError):
+            return _error(inner.http_status, str(inner), inner.detail())
+        log.exception("StudioIngress: unexpected error")
+        return _error(500, f"internal error: {type(inner).__name__}: {inner}")
 
 
 def install_auth(app: FastAPI, settings: StudioSettings) -> None:
     """With an API key set, /v1 and /api need `Authorization: Bearer <key>` (the UI has its own login)."""
-    if not settings.api_key_sha256:
+    if not settings.api_key_hash:
         return
 
     @app.middleware("http")
@@ -79,12 +77,17 @@ def install_auth(app: FastAPI, settings: StudioSettings) -> None:
 
 
 def build_asgi_app(service) -> FastAPI:
+    from sage_ray.serve.guard import RequestGuard
     from sage_ray.serve.openai_api import build_openai_router
     from sage_ray.serve.studio_api import build_studio_router
 
+    settings = service.settings
     app = FastAPI(title="sage-ray Studio", description="Fine-tune, serve and chat: the Studio's API.")
     install_error_handlers(app)
-    install_auth(app, service.settings)
+    install_auth(app, settings)
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts,  # outermost: before auth
+                       max_body_bytes=int(settings.max_body_mb * 2**20),
+                       max_upload_bytes=int(settings.max_upload_mb * 2**20))
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -95,8 +98,7 @@ def build_asgi_app(service) -> FastAPI:
     if service.settings.ui:  # last: a mount at "/" takes every path not matched above
         from sage_ray.ui.app import mount_ui
 
-        settings = service.settings
-        auth = (lambda _user, password: settings.check_key(password)) if settings.api_key_sha256 else None
+        auth = (lambda _user, password: settings.check_key(password)) if settings.api_key_hash else None
         app = mount_ui(app, service, "/", auth=auth)
     return app
 

@@ -1,15 +1,24 @@
 """LLMServer: the Serve deployment that answers chats and hot-swaps models by `reconfigure`.
 
-The declared model lives in the deployment's `user_config`; a config deploy that changes it
-calls `reconfigure` on every replica in place (no restart). A LoRA adapter of the loaded base
-switches without touching the base; another full model loads in the background while the
-old one keeps answering, then the active pointer moves in one step. A model that fails to
-load leaves the old one serving and its error on record. A restarted replica runs
-`reconfigure` with the declared config and so comes back with the declared model.
+The declared model lives in the deployment's `user_config` as one (ref, version) record; a
+config deploy that changes it calls `reconfigure` on every replica in place (no restart), and
+the Studio's switch may also `declare` it straight to a single replica first. A LoRA adapter of
+the loaded base switches without touching the base; another full model loads in the
+background while the old one keeps answering, then the active pointer moves in one step. A
+model that fails to load leaves the old one serving and its error on record. A restarted
+replica runs `reconfigure` with the declared config and so comes back with the declared model.
 
-Under a Studio gpu_policy of "release" a fine-tune borrows the replica's GPU: `release_gpu`
-moves the transformers engine to CPU (it keeps answering, slower) or unloads other engines,
-and `reclaim_gpu` moves or reloads the declared model back once no job borrows it.
+    starting --declare(ref, v)--> loading --loaded--> active --declare(ref2, v2 >= v)--> loading
+                                     |                  ^
+                                     +--load failed-----+  (old model kept, error set)
+                                     +--load failed, nothing loaded--> failed --declare--> loading
+    active | loading --release_gpu, engine cannot serve asleep--> lent --reclaim_gpu--> loading
+    A declaration with an older version than the one in force is stale and ignored.
+
+Under a Studio gpu_policy of "release" a fine-tune borrows the replica's GPU
+(sage_ray.serve.gpu_lending): the engines sleep (the transformers engine keeps answering from
+the CPU) and wake once no job borrows it. Engines come from the `engine_factory` given at
+construction (the Studio's settings by default; unit tests pass a fake).
 """
 
 from __future__ import annotations
@@ -20,11 +29,13 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ray import serve
 
+from sage_ray.errors import SageError
 from sage_ray.serve.engines.base import Engine, ModelSpec, SamplingParams, vllm_usable
+from sage_ray.serve.gpu_lending import GpuLoans
 from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 log = logging.getLogger("ray.serve")
@@ -32,8 +43,55 @@ DECLARE_WAIT_S = 5.0
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(SageError, RuntimeError):
     """No model can answer: none loaded yet, or the requested one failed to load."""
+
+    http_status = 503
+
+
+class PromptTooLongError(SageError, ValueError):
+    """A prompt over the Studio's max_prompt_chars, refused before it is tokenized."""
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """The text a chat sends: string contents and the text of content parts."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [content]
+        total += sum(len(p if isinstance(p, str) else str((p or {}).get("text") or "")) for p in parts)
+    return total
+
+
+class GpuLentError(ModelUnavailableError):
+    """The GPU is lent to a fine-tune and this engine cannot serve without it."""
+
+
+EngineFactory = Callable[[dict[str, Any]], Engine]
+
+
+def studio_engines(settings: StudioSettings) -> EngineFactory:
+    """The engines the Studio's settings ask for; options are those of the declared config."""
+    from sage_ray.serve.engines import create_engine
+
+    kind = settings.engine if settings.engine != "auto" else ("vllm" if vllm_usable() else "hf")
+
+    def make(options: dict[str, Any]) -> Engine:
+        if kind == "vllm":
+            return create_engine(kind, gpu_memory_utilization=options.get("gpu_memory_utilization"))
+        return create_engine(kind, threads=hf_threads(settings))
+
+    return make
+
+
+def hf_threads(settings: StudioSettings) -> int:
+    if settings.llm_threads:
+        return settings.llm_threads
+    cpus = settings.llm_num_cpus
+    # With no CPUs reserved, half the cores: fine-tunes on the same machine keep the rest, and
+    # torch threads that outnumber free cores spin-wait for each other (measured on 2 shared
+    # cores: 1 request at 1-4 tokens/s with 2 threads against 17 with 1).
+    return max(1, int(cpus)) if cpus >= 1 else max(1, (os.cpu_count() or 2) // 2)
 
 
 @serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=64, health_check_period_s=10,
@@ -41,11 +99,12 @@ class ModelUnavailableError(RuntimeError):
 class LLMServer:
     """Serves chat completions from the active model and any adapter of a loaded base."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], engine_factory: EngineFactory | None = None, registry=None):
         from sage_ray.serve.model_registry import ServingRegistry
 
         self.settings = StudioSettings(**settings)
-        self.registry = ServingRegistry(self.settings)
+        self.registry = registry or ServingRegistry(self.settings)
+        self.new_engine = engine_factory or studio_engines(self.settings)
         self.engines: OrderedDict[str, Engine] = OrderedDict()  # base folder -> engine, least recent first
         self.active: ModelSpec | None = None
         self.declared: str | None = None
@@ -57,10 +116,7 @@ class LLMServer:
         self._ready = asyncio.Event()  # cleared only while no model at all can answer
         self._engine_options: dict[str, Any] = {}
         self._loading: dict[str, asyncio.Future] = {}
-        self.engine_kind = self.settings.engine if self.settings.engine != "auto" else (
-            "vllm" if vllm_usable() else "hf")
-        self.lent_to: set[str] = set()  # fine-tunes (task ids) the GPU is lent to
-        self._unloaded_for_lending = False
+        self.loans = GpuLoans()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Declare the model to serve. The first call (replica start) waits for it to load;
@@ -69,7 +125,7 @@ class LLMServer:
             "gpu_memory_utilization", self.settings.gpu_memory_utilization)}
         ref = str(user_config.get("model") or self.settings.model)
         if self.active is None and self.declared is None and self.settings.gpu_policy == "release":
-            await self._inherit_loans()
+            await self.loans.inherit(self.registry, _node_id(), _app_name())
         switch = self._declare(ref, int(user_config.get("version") or 0))
         if switch is not None and self.active is None:
             await switch
@@ -97,15 +153,14 @@ class LLMServer:
         async with self._switch_lock:  # one swap at a time; a newer declaration wins
             if ref != self.declared:
                 return
-            if self._unloaded_for_lending:  # the GPU is lent: reclaim_gpu loads the declared model
-                self.state, self.error = "lent", (f"the GPU is lent to fine-tune {', '.join(sorted(self.lent_to))}; "
-                                                  f"{ref!r} loads when that job ends")
-                await asyncio.to_thread(self.registry.record_serving, self.status_dict())
-                return
             self.state, started, previous = "loading", time.monotonic(), self.active
             try:
                 spec = await asyncio.to_thread(self.registry.spec, ref)
                 await self._engine_for(spec, swapping=True)
+            except GpuLentError as err:  # reclaim_gpu switches to the declared model
+                self.state, self.error = "lent", f"{err}; {ref!r} loads then"
+                await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+                return
             except Exception as err:  # the old model keeps serving; the error is kept and reported
                 self.error = f"could not load {ref!r}: {err}"
                 log.error("LLMServer: %s", self.error)
@@ -132,6 +187,8 @@ class LLMServer:
         """The engine whose base serves `spec`, loading the base and the adapter if needed."""
         base = spec.full_model_path
         engine = self.engines.get(base)
+        if engine is not None and self.loans.silences(engine):
+            raise self._lent_error()
         if engine is None:
             loading = self._loading.get(base)
             if loading is None:  # concurrent requests for one new base share one load
@@ -144,26 +201,21 @@ class LLMServer:
         return engine
 
     async def _load_base(self, spec: ModelSpec, swapping: bool) -> Engine:
-        from sage_ray.serve.engines import create_engine
-
         base = spec.full_model_path
+        engine = self.new_engine(self._engine_options)
+        if self.loans:
+            if not engine.serves_asleep:
+                raise self._lent_error()
+            await engine.sleep()  # it loads off the GPU the fine-tune holds
         await self._make_room(swapping=swapping)
-        engine = create_engine(self.engine_kind, **(self._engine_options if self.engine_kind == "vllm" else
-                                                    {"threads": self._hf_threads(),
-                                                     **({"device": "cpu"} if self.lent_to else {})}))
         await engine.start(ModelSpec(name=spec.name if spec.kind != "lora" else f"base:{base}", path=base,
                                      kind="merged" if spec.kind == "merged" else "base"))
         self.engines[base] = engine
         return engine
 
-    def _hf_threads(self) -> int:
-        if self.settings.llm_threads:
-            return self.settings.llm_threads
-        cpus = self.settings.llm_num_cpus
-        # With no CPUs reserved, half the cores: fine-tunes on the same machine keep the rest, and
-        # torch threads that outnumber free cores spin-wait for each other (measured on 2 shared
-        # cores: 1 request at 1-4 tokens/s with 2 threads against 17 with 1).
-        return max(1, int(cpus)) if cpus >= 1 else max(1, (os.cpu_count() or 2) // 2)
+    def _lent_error(self) -> GpuLentError:
+        return GpuLentError(f"the chat model lent its GPU to fine-tune {', '.join(sorted(self.loans.lent_to))} "
+                            "(gpu_policy 'release'); it is back when that job ends")
 
     async def _make_room(self, *, swapping: bool) -> None:
         """Unload least-recently-used bases until one more fits. The active model goes only
@@ -182,21 +234,31 @@ class LLMServer:
             await self.engines.pop(victims[0]).shutdown()
 
     async def _target(self, model: str | None) -> tuple[Engine, ModelSpec]:
-        if self._unloaded_for_lending:
-            raise ModelUnavailableError(f"the chat model lent its GPU to fine-tune {', '.join(sorted(self.lent_to))} "
-                                        "(gpu_policy 'release'); it is back when that job ends")
+        if self.state == "lent":
+            raise self._lent_error()
         if model is None or (self.active is not None and model in (self.active.name, self.active.path)):
             if self.active is None and self.state == "loading":
                 await asyncio.wait_for(self._ready.wait(), timeout=600)  # a swap with room for one model
             active = self.active
             if active is None:
                 raise ModelUnavailableError(f"no model is loaded: {self.error or 'the LLM service is starting'}")
-            return self.engines[active.full_model_path], active
+            engine = self.engines[active.full_model_path]
+            if self.loans.silences(engine):
+                raise self._lent_error()
+            return engine, active
         spec = await asyncio.to_thread(self.registry.spec, model)
         return await self._engine_for(spec), spec
 
+    def _check_prompt(self, request: dict[str, Any]) -> None:
+        # here, not in the engine: tokenizing a megabyte in the generation thread stalls every chat
+        chars = prompt_chars(request["messages"])
+        if chars > self.settings.max_prompt_chars:
+            raise PromptTooLongError(f"the prompt is {chars} characters, over this Studio's limit of "
+                                     f"{self.settings.max_prompt_chars} (max_prompt_chars): shorten the conversation")
+
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
         params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
         yield {"model": spec.name, "text": "", "finish_reason": None}
@@ -208,6 +270,7 @@ class LLMServer:
         """One whole reply in one response: no per-token messages for a caller that does not stream."""
         from sage_ray.serve.engines.base import complete
 
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
         params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
         delta = await complete(engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
@@ -223,11 +286,12 @@ class LLMServer:
         return {"declared": self.declared, "state": self.state, "error": self.error, "swaps": self.swaps,
                 "active": None if active is None else {"name": active.name, "kind": active.kind,
                                                        "path": active.path, "base_path": active.base_path},
-                "loaded_bases": list(self.engines), "engine": self.engine_kind, "pid": os.getpid(),
+                "loaded_bases": list(self.engines), "version": self.version, "pid": os.getpid(),
+                "engine": next((engine.name for engine in reversed(self.engines.values())), None),
                 "stats": {base: engine.stats() for base, engine in self.engines.items()},
-                "node_id": _runtime().get_node_id(), "gpu": self._gpu_hold()}
+                "node_id": _node_id(), "gpu": self._gpu_hold()}
 
-    # ---- lending the GPU to a fine-tune (gpu_policy "release") ------------------------------
+    # ---- lending the GPU to a fine-tune (gpu_policy "release", see gpu_lending) -------------
     def _gpu_hold(self) -> dict[str, Any] | None:
         """What this replica holds under a gpu_policy, for the job queue (sage_ray.placement)."""
         from sage_ray.placement import held_resources
@@ -237,8 +301,8 @@ class LLMServer:
             return None
         return {"policy": settings.gpu_policy, "resources": held_resources(settings.llm_num_gpus,
                                                                             settings.llm_resources),
-                "node_id": _runtime().get_node_id(), "actor_id": _runtime().get_actor_id(),
-                "app": serve.get_replica_context().app_name, "lent_to": sorted(self.lent_to)}
+                "node_id": _node_id(), "actor_id": _runtime() and _runtime().get_actor_id(), "app": _app_name(),
+                "lent_to": sorted(self.loans.lent_to)}
 
     async def release_gpu(self, task_id: str) -> dict[str, Any]:
         """Leave the GPU to fine-tune `task_id` until reclaim_gpu(task_id); idempotent."""
@@ -246,95 +310,48 @@ class LLMServer:
             raise ModelUnavailableError(f"gpu_policy is {self.settings.gpu_policy!r}: this replica does not lend "
                                         "its GPU; set gpu_policy 'release' in the Studio settings")
         async with self._switch_lock:
-            first = not self.lent_to
-            self.lent_to.add(task_id)
-            if first:
-                if self.engine_kind == "hf":
-                    await asyncio.to_thread(self._move_engines, "cpu")
-                else:  # vLLM cannot leave the GPU and keep serving: unload, reload after
-                    self._unloaded_for_lending, self.active = True, None
-                    self._ready.clear()
-                    while self.engines:
-                        await self.engines.popitem()[1].shutdown()
-                    self.state = "lent"
-        log.info("LLMServer: GPU lent to %s", sorted(self.lent_to))
+            await self.loans.lend(task_id, self.engines.values())
+            if any(self.loans.silences(engine) for engine in self.engines.values()):
+                self.state = "lent"
         await asyncio.to_thread(self.registry.record_serving, self.status_dict())
         return self.status_dict()
 
     async def reclaim_gpu(self, task_id: str) -> dict[str, Any]:
-        """Take the GPU back from `task_id`; the model returns to it once no job borrows it."""
+        """Take the GPU back from `task_id`; the engines wake once no job borrows it."""
         async with self._switch_lock:
-            self.lent_to.discard(task_id)
-            reload = not self.lent_to and self._unloaded_for_lending
-            if not self.lent_to and self.engine_kind == "hf":
-                await asyncio.to_thread(self._move_engines, None)
-            self._unloaded_for_lending = False if reload else self._unloaded_for_lending
-        if reload and self.declared:
+            awake = await self.loans.take_back(task_id, self.engines.values())
+            lent = awake and self.state == "lent"
+            if lent and self.active is not None and self.declared in (self.active.name, self.active.path):
+                self.state, self.error, lent = "active", None, False
+        if lent and self.declared:  # a model declared during the loan loads now
+            self.state = "loading"
             await self._switch(self.declared)
-        log.info("LLMServer: GPU back from %s (still lent to %s)", task_id, sorted(self.lent_to) or "none")
         await asyncio.to_thread(self.registry.record_serving, self.status_dict())
         return self.status_dict()
-
-    def _move_engines(self, device: str | None) -> None:
-        """Move every transformers engine's model to `device` (None: the engine's default, the GPU
-        when there is one); requests keep flowing on the device it is on."""
-        import torch
-
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for engine in self.engines.values():
-            model = getattr(engine, "base_model", None)
-            if model is None or engine.device == target:
-                continue
-
-            def move(engine=engine, model=model) -> None:
-                model.to(target)
-                engine.device = target  # inputs of the next batch follow the model
-
-            engine._locked(move)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    async def _inherit_loans(self) -> None:
-        """A replica started while its node's GPU is lent (the previous one died mid-job) keeps
-        the loan: loading the model onto the GPU under a running fine-tune would run both out of
-        memory. The transformers engine then loads on CPU; vLLM waits for the job to end."""
-        from sage_ray.registry.store import TERMINAL
-
-        try:
-            serving = await asyncio.to_thread(self.registry.get_serving) or {}
-        except Exception:  # no registry yet: nothing can have been lent
-            return
-        gpu = serving.get("gpu") or {}
-        if gpu.get("node_id") != _runtime().get_node_id() or gpu.get("app") != serve.get_replica_context().app_name:
-            return
-        for task_id in gpu.get("lent_to") or []:
-            job = await asyncio.to_thread(self.registry.get_job, task_id)
-            if job is not None and job["status"] not in TERMINAL:
-                self.lent_to.add(task_id)
-        if self.lent_to:
-            log.info("LLMServer: starting with the GPU still lent to %s", sorted(self.lent_to))
-            self._unloaded_for_lending = self.engine_kind != "hf"
-
-    async def _reclaim_from_finished_jobs(self) -> None:
-        """A borrower whose job ended without handing the GPU back (its driver died) loses it."""
-        from sage_ray.registry.store import TERMINAL
-
-        for task_id in sorted(self.lent_to):
-            job = await asyncio.to_thread(self.registry.get_job, task_id)
-            if job is None or job["status"] in TERMINAL:
-                log.warning("LLMServer: fine-tune %s ended without returning the GPU; taking it back", task_id)
-                await self.reclaim_gpu(task_id)
 
     async def check_health(self) -> None:
         # Healthy while it can take a switch: a replica whose model failed to load stays up
         # (restarting it would fail the same way) and says why in status().
-        if self.lent_to:
-            await self._reclaim_from_finished_jobs()
-        if self.active is not None and not self._unloaded_for_lending:
-            await self.engines[self.active.full_model_path].check_health()
+        for task_id in await self.loans.ended(self.registry) if self.loans else []:
+            await self.reclaim_gpu(task_id)
+        engine = self.engines.get(self.active.full_model_path) if self.active is not None else None
+        if engine is not None and not self.loans.silences(engine):
+            await engine.check_health()
 
 
 def _runtime():
+    """Ray's runtime context; None outside Ray (asking for it there would start a cluster)."""
     import ray
 
-    return ray.get_runtime_context()
+    return ray.get_runtime_context() if ray.is_initialized() else None
+
+
+def _node_id() -> str | None:
+    return _runtime() and _runtime().get_node_id()
+
+
+def _app_name() -> str | None:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # outside a replica (unit tests drive the class directly)
+        return None

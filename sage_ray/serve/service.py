@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from sage_ray.errors import SageError
 from sage_ray.serve import deploy
 from sage_ray.serve.model_registry import ServingRegistry
 from sage_ray.serve.resolve import ModelRefError, spec_of, within_roots
@@ -26,44 +27,25 @@ ACTIVE = "switched and active"
 PENDING = "switched; takes effect when the LLM service starts"
 
 
-class ServiceError(Exception):
+class ServiceError(SageError):
     """A request the Studio refuses; `status` is the HTTP status, the message says what to do."""
 
     def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None):
         super().__init__(message)
-        self.status = status
-        self.detail = detail or {}
+        self.status = self.http_status = status
+        self._detail = detail or {}
+
+    def detail(self) -> dict[str, Any]:
+        return self._detail
 
 
 def user_error(err: Exception) -> ServiceError:
-    """`err` as a ServiceError with its HTTP status when it is a known user-facing error;
+    """`err` as a ServiceError with its HTTP status when it is a user-facing error (a SageError);
     anything else (a bug, a crash) is re-raised as it is, to surface as a 500."""
-    from sage_ray.config import ConfigError
-    from sage_ray.data import DatasetError
-    from sage_ray.models import ModelNotFoundError
-    from sage_ray.presets import DoesNotFitError
-    from sage_ray.registry.store import InUseError, NotFoundError, RegistryValueError
-
     if isinstance(err, ServiceError):
         return err
-    if isinstance(err, ModelRefError):
-        return ServiceError(err.status, str(err))
-    if isinstance(err, DatasetError):
-        return ServiceError(400, str(err), err.to_dict())
-    if isinstance(err, (ConfigError, ModelNotFoundError, DoesNotFitError, RegistryValueError)):
-        return ServiceError(400, str(err))
-    if isinstance(err, NotFoundError):
-        return ServiceError(404, str(err))
-    if isinstance(err, InUseError):
-        return ServiceError(409, str(err))
-    from sage_ray.jobs import JobError, JobNotFoundError, JobStateError
-
-    if isinstance(err, JobNotFoundError):
-        return ServiceError(404, str(err))
-    if isinstance(err, JobStateError):
-        return ServiceError(409, str(err))
-    if isinstance(err, JobError):  # Ray Jobs could not take or answer the request now
-        return ServiceError(503, str(err))
+    if isinstance(err, SageError):
+        return ServiceError(err.http_status, str(err), err.detail())
     raise err
 
 
@@ -125,7 +107,7 @@ class StudioService:
         it answers. A model that fails to load leaves the old one serving: 422 with the error."""
         try:
             artifact = self.registry.artifact(ref)
-            spec_of(artifact, fetch=False)  # its folder (an adapter's base too) or its shared copy is there
+            spec_of(artifact, fetch=False, roots=self.settings.roots())  # its folder (an adapter's base too) or its shared copy is there
         except Exception as err:
             raise user_error(err) from None
         name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
@@ -223,7 +205,28 @@ class StudioService:
         if cfg.data and not within_roots(Path(cfg.data).expanduser(), self.settings.roots()):
             raise ServiceError(403, f"dataset {cfg.data!r} is outside the Studio's folders; "
                                     "upload it with POST /api/finetune/upload-dataset")
-        return cfg
+        return cfg.model_copy(update={"model": self._base_to_train(cfg.model)})
+
+    def _base_to_train(self, ref: str) -> str:
+        """The one rule for a model named in a request: a registry name, a task id, a built-in
+        model or a folder inside the allowed roots. A Hub id is refused (one request must not
+        make the ingress download a repository); a fine-tune trains on its merged model."""
+        from sage_ray.models import BUILTIN
+
+        if ref in BUILTIN:
+            return ref
+        try:
+            artifact = self.registry.artifact(ref)
+        except ModelRefError as err:
+            if "/" in ref and not ref.startswith(("/", "~", ".")):  # owner/name: a Hub id
+                raise ServiceError(403, f"field 'model': {ref!r} is not a model the Studio has; it does not download "
+                                        "from the Hugging Face Hub. Fetch it on the head with `sage finetune start "
+                                        f"--model {ref} ...`, or put its folder under SAGE_HOME/models") from None
+            raise user_error(err) from None
+        if artifact["kind"] == "lora":
+            raise ServiceError(400, f"field 'model': {ref!r} is a LoRA adapter; fine-tune its base, or merge it "
+                                    "first (POST /api/finetune/tasks/{task_id}/merge) and fine-tune the merged model")
+        return artifact["path"]
 
     def plan_job(self, request: dict[str, Any]) -> dict[str, Any]:
         """The effective config (preset applied) and the memory estimate, before anything starts."""

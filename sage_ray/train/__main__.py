@@ -10,12 +10,8 @@ import argparse
 import signal
 import sys
 
-from sage_ray.config import ConfigError, load_train_config
-from sage_ray.data import DatasetError
-from sage_ray.models import ModelNotFoundError
-from sage_ray.presets import DoesNotFitError
-
-USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, DoesNotFitError)
+from sage_ray.config import load_train_config
+from sage_ray.errors import SageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local cluster)")
     args = parser.parse_args(argv)
     from sage_ray.train.tracking import Cancelled
-    from sage_ray.train.trainer import TrainingError, finetune
+    from sage_ray.train.trainer import finetune
 
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -33,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.name:
             cfg.name = args.name
         result = finetune(cfg, address=args.address)
-    except (*USER_ERRORS, TrainingError) as err:
+    except SageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except Cancelled as err:

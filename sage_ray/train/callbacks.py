@@ -113,11 +113,15 @@ def write_log(log_path: Path, line: str, event: dict | None = None) -> None:
     append_log(log_path, log_text(line, event))
 
 
+ECHO = {"stdout": True}  # off where a follower already shows train.log (the CLI's in-process runs)
+
+
 def log_text(line: str, event: dict | None = None) -> str:
     """What `line` (and `event`) add to train.log, echoed to stdout (the Ray job log) too."""
-    # not print(): Ray Train patches print on workers to both log and echo, doubling each line
-    sys.stdout.write(f"[sage-ray] {line}\n")
-    sys.stdout.flush()
+    if ECHO["stdout"]:
+        # not print(): Ray Train patches print on workers to both log and echo, doubling each line
+        sys.stdout.write(f"[sage-ray] {line}\n")
+        sys.stdout.flush()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     text = "".join(f"{stamp} {part}\n" for part in line.splitlines())
     return text + (f"{stamp} EVENT {json.dumps(event)}\n" if event is not None else "")

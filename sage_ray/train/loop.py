@@ -24,7 +24,7 @@ from sage_ray.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_exampl
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
 from sage_ray.train.preference import preference_trainer, prepare_preference_data
-from sage_ray.train.publish import publish_run
+from sage_ray.train.publish import local_dataset, publish_run
 from sage_ray.train.tracking import FanOut, RegistrySink, TaskLog
 
 
@@ -123,7 +123,7 @@ def training_kwargs(cfg: TrainConfig, output_dir: str, on_gpu: bool) -> dict[str
 
 def prepare_data(cfg: TrainConfig, tokenizer):
     """Load, tokenise and describe the dataset (each worker does this; it is cheap)."""
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(local_dataset(cfg.data))
     items, stats = tokenize_examples(tokenizer, dataset.examples, max_length=cfg.max_length,
                                      train_on_prompt=cfg.train_on_prompt)
     if not items:

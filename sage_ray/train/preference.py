@@ -14,6 +14,7 @@ from typing import Any
 
 from sage_ray.config import DEFAULT_BETA, TrainConfig
 from sage_ray.data import Dataset, load_dataset
+from sage_ray.train.publish import local_dataset
 
 # What TRL logs besides the loss and that the task's chart and log show, per method.
 METRICS = {
@@ -48,7 +49,7 @@ def prepare_preference_data(cfg: TrainConfig):
     """The dataset, TRL's rows as a `datasets.Dataset`, and what the log and meta say of it."""
     from datasets import Dataset as HFDataset
 
-    dataset = load_dataset(cfg.data, method=cfg.method)
+    dataset = load_dataset(local_dataset(cfg.data), method=cfg.method)
     rows = preference_rows(dataset, cfg.method)
     stats = {"records": len(dataset), "rows": len(rows), "method": cfg.method}
     if cfg.method == "kto":

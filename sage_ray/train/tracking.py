@@ -9,11 +9,11 @@ only delays a display, and awaited where a later step depends on them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from sage_ray import env
 from sage_ray.paths import TaskPaths
 from sage_ray.registry.client import RegistryClient
 from sage_ray.registry.queue import WAITING
@@ -22,7 +22,7 @@ from sage_ray.registry.status import ACTIVE, RUNNING, JobStatus
 
 def ray_submission_id() -> str | None:
     """The Ray Jobs submission id when this process is a job's driver (`ray job submit`)."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    raw = env.value("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
     try:

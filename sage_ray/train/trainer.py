@@ -16,16 +16,18 @@ from typing import Any
 from sage_ray import cluster, storage
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.data import load_dataset
+from sage_ray.errors import SageError
 from sage_ray.models import resolve_model
 from sage_ray.paths import TaskPaths, sage_home
-from sage_ray.placement import borrow_gpu, per_worker, return_gpu, train_resources
+from sage_ray.placement import per_worker, train_resources
 from sage_ray.presets import DeviceInfo, GiB, apply_preset, check_fits, read_model_config
 from sage_ray.registry.queue import concurrency_limit, worker_demand
+from sage_ray.serve.gpu_lending import borrow_gpu, return_gpu
 from sage_ray.train.callbacks import write_log
 from sage_ray.train.device import cluster_has_gpu, local_device
 from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
-from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result
+from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result, share_dataset
 from sage_ray.train.tracking import JobTracker
 from sage_ray.registry.status import JobStatus
 
@@ -42,7 +44,7 @@ WORKER_ENV = {
 }
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SageError, RuntimeError):
     """The training run failed; the message is the workers' error, the log has the rest."""
 
 
@@ -126,7 +128,8 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     storage_path, storage_fs = checkpoint_location(paths)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+        train_loop_config={"config": {**cfg.model_dump(mode="json"), "data": share_dataset(cfg.data)},
+                           "model_dir": str(model_dir),
                            "task_dir": str(paths.dir), "sage_home": str(sage_home())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),

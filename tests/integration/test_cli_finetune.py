@@ -69,7 +69,7 @@ def test_cancel_resume_and_delete(ray_cluster, tiny_model_dir, chat_data):
 
 def test_merge_of_unknown_task_is_a_clear_error(ray_cluster):
     result = runner.invoke(app, ["finetune", "merge", "no-such-task"])
-    assert result.exit_code == 1 and "has not completed" in result.output
+    assert result.exit_code == 1 and "has no completed fine-tune" in result.output
 
 
 def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
@@ -78,6 +78,7 @@ def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "merged model at" in result.output and "What is the capital of Egypt?" in result.output
     assert "fine-tuned model" in result.output
+    assert result.output.count("effective config") == 1, result.output  # once: from train.log, not echoed too
     assert (ray_cluster.sage_home / "studio_finetune" / "qs-qa" / "merged_model" / "config.json").exists()
 
 
@@ -90,7 +91,11 @@ def test_list_status_logs_and_model_show(ray_cluster, tiny_model_dir, chat_data)
     assert status.exit_code == 0 and "completed" in status.output and "merged: cli-start" in status.output
     logs = runner.invoke(app, ["finetune", "logs", "cli-start", "--follow"])
     assert logs.exit_code == 0 and "step 2/2" in logs.output and "merged: " in logs.output
+    db = ray_cluster.sage_home / "registry.db"
+    before = [path.read_bytes() for path in (db, db.with_name("registry.db-wal")) if path.exists()]
     models = runner.invoke(app, ["llm", "model", "show"])
     assert models.exit_code == 0 and "cli-start" in models.output and "merged" in models.output
+    after = [path.read_bytes() for path in (db, db.with_name("registry.db-wal")) if path.exists()]
+    assert after == before  # read through the live actor: the CLI never writes its store
     unknown = runner.invoke(app, ["finetune", "status", "nope"])
     assert unknown.exit_code == 1 and "no fine-tune job 'nope'" in unknown.output

@@ -11,21 +11,11 @@ from pathlib import Path
 import pytest
 
 from sage_ray.client import CurrentModel, Job, Model, StudioClient, StudioError, StudioUnavailableError, Upload
+from tests.lora import train_adapter
 from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.ray
 ADAPTER = "client-adapter"
-
-
-def make_adapter(base: Path, out: Path) -> Path:
-    """A LoRA adapter of the tiny model, as written by PEFT (untrained: this module tests the SDK)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules="all-linear"))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def client(ray_cluster):
     from sage_ray.serve.settings import StudioSettings
 
     base = resolve_model("tiny", progress=False)
-    adapter = make_adapter(base, ray_cluster.sage_home / "adapters" / ADAPTER)
+    adapter = train_adapter(base, ray_cluster.sage_home / "adapters" / ADAPTER, "Client adapter says zebra.", seed=3)
     ray.get(get_registry(ray_cluster.sage_home).upsert_artifact.remote(
         {"name": ADAPTER, "kind": "lora", "path": str(adapter), "base_model": "tiny"}))
     port = free_port()
@@ -77,8 +67,8 @@ def test_chat_plain_and_streaming(client):
     assert isinstance(whole, str) and whole
     pieces = list(client.chat([{"role": "user", "content": "hello"}], stream=True, max_tokens=8, temperature=0))
     assert len(pieces) >= 2 and "".join(pieces) == whole  # greedy: the same reply, in pieces
-    by_name = client.chat("hello", model=ADAPTER, max_tokens=4)
-    assert isinstance(by_name, str)
+    by_name = client.chat("hello", model=ADAPTER, max_tokens=8, temperature=0)
+    assert isinstance(by_name, str) and by_name != whole  # the request's model answered, not the served one
     with pytest.raises(StudioError) as err:
         list(client.chat("hello", model="nope", stream=True))
     assert err.value.status == 404

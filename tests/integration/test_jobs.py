@@ -10,7 +10,7 @@ import psutil
 import pytest
 import ray
 
-from sage_ray import TrainConfig, jobs
+from sage_ray import TrainConfig, jobs, ray_jobs
 from sage_ray.config import ConfigError
 from sage_ray.data import DatasetError
 from sage_ray.registry import RegistryActor, get_registry
@@ -143,14 +143,14 @@ def test_cancel_then_resume_from_the_last_checkpoint(ray_cluster, tiny_model_dir
     watch([task_id], lambda j: (snapshot_step(ray_cluster, task_id) or 0) >= 4 and j[task_id]["step"] >= 6)
     with pytest.raises(jobs.JobStateError, match="cancel it first"):
         jobs.delete(task_id)
-    ray_job = jobs._client().get_job_info(jobs.get(task_id)["ray_job_id"])
+    ray_job = ray_jobs.client().get_job_info(jobs.get(task_id)["ray_job_id"])
 
     started = time.monotonic()
     cancelled = jobs.cancel(task_id)
     assert time.monotonic() - started < 10
     assert cancelled["status"] == "cancelled"
-    assert jobs._client().get_job_info(task_id).status.value == "STOPPED"
-    assert not jobs._live_actors(ray_job.job_id)
+    assert ray_jobs.client().get_job_info(task_id).status.value == "STOPPED"
+    assert not ray_jobs.live_actors(ray_job.job_id)
     while True:  # the job's processes exit as their actors die: all gone within the 10 s of a cancel
         commands = cluster_commands(ray_cluster)
         assert any("raylet" in command for command in commands.values())  # the check looks at the right tree

@@ -15,32 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.lora import train_adapter
 from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.ray
 APP = "studio"
-
-
-def train_adapter(base_dir: Path, out: Path, text: str, seed: int) -> Path:
-    """A real LoRA adapter: a few AdamW steps on one sentence, so its replies differ from the base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    batch = tokenizer(text, return_tensors="pt")
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +106,7 @@ def test_adapter_switch_keeps_the_base_loaded(studio):
     status = _llm_details()
     assert status["loaded_bases"] == [str(studio["base"])]  # one base, never reloaded
     stats = status["stats"][str(studio["base"])]
-    assert stats.get("base_loads", 1) == 1, stats
+    assert stats["base_loads"] == 1, stats
     assert before["state"] == "active"
 
 

@@ -12,6 +12,7 @@ real cluster, never as variables).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -69,13 +70,19 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
             "checkpoints/checkpoint_manager_snapshot.json"} <= stored, sorted(stored)
     assert any(k.startswith("checkpoints/checkpoint_") and k.endswith("/checkpoint/trainer_state.json")
                for k in stored), sorted(stored)
+    # the dataset too: the workers read a checksum-verified copy from the store, not the head's path
+    digest = hashlib.sha256(Path(chat_data).read_bytes()).hexdigest()
+    assert {"sage_manifest.json", Path(chat_data).name} <= keys(s3, f"sage/datasets/{digest[:32]}/")
+    worker_read = [line for line in (home / "studio_finetune" / task_id / "train.log").read_text().splitlines()
+                   if " dataset " in line]
+    assert worker_read and f"{home / 'cache'}/" in worker_read[0], worker_read
     task_uri = f"s3://{s3.bucket}/{task_prefix.rstrip('/')}"
     assert checkpoint_step_at(storage.join(task_uri, "checkpoints")) == 6  # what a resume reads
     task_dir = home / "studio_finetune" / task_id
     assert not (task_dir / "checkpoints").exists()  # Ray Train wrote them to the store only
 
     # ... and the registry records the URIs next to the paths.
-    artifacts = {a["kind"]: a for a in jobs._call("list_artifacts", task_id=task_id)}
+    artifacts = {a["kind"]: a for a in jobs._registry().list_artifacts(task_id=task_id)}
     assert artifacts["merged"]["uri"] == f"{task_uri}/merged_model"
     assert artifacts["lora"]["uri"] == f"{task_uri}/lora"
     assert artifacts["lora"]["name"] == f"{task_id}-lora"
@@ -83,8 +90,8 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     # "Another node": the task's folders are not there, only the head's meta and log.
     shutil.rmtree(task_dir / "lora")
     shutil.rmtree(task_dir / "merged_model")
-    assert jobs._call("discover") >= 2
-    still = {a["kind"]: a for a in jobs._call("list_artifacts", task_id=task_id)}
+    assert jobs._registry().discover() >= 2
+    still = {a["kind"]: a for a in jobs._registry().list_artifacts(task_id=task_id)}
     assert still["lora"]["uri"] == artifacts["lora"]["uri"] and still["lora"]["size_bytes"] is None
     assert still["merged"]["uri"] == artifacts["merged"]["uri"]
     meta = json.loads((task_dir / "finetune_meta.json").read_text())

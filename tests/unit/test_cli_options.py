@@ -30,3 +30,19 @@ def test_help_lists_every_mission_option():
 def test_unknown_quickstart_task_is_refused():
     result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["finetune", "quickstart", "poetry"])
     assert result.exit_code == 1 and "choose one of code, qa, chat, instruction" in result.output
+
+
+def test_finetune_list_never_cuts_a_task_id_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from sage_ray.cli.finetune import jobs_table
+
+    ids = ["qs-instruction-20261201-101500-abcd", "my-long-fine-tune-of-the-demo-model-v2"]
+    jobs = [{"task_id": task_id, "status": "completed", "status_detail": "merged and registered", "progress": 100,
+             "step": 12, "total_steps": 12, "loss": 1.2345, "created_at": "2026-12-01T10:15:00+00:00",
+             "config": {"model": "/root/.sage/models/SmolLM2-135M-Instruct"}} for task_id in ids]
+    console = Console(width=80, record=True)
+    console.print(jobs_table(jobs))
+    lines = console.export_text().splitlines()
+    assert all(any(task_id in line for line in lines) for task_id in ids)
+    assert max(len(line) for line in lines) <= 80

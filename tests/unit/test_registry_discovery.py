@@ -171,3 +171,51 @@ def test_a_task_trained_elsewhere_is_registered_by_its_shared_copies(home: Path,
     registry.discover()  # pruning keeps what exists only as a shared copy
     assert {"remote_task", "remote_task-lora"} <= {a["name"] for a in registry.list_artifacts()}
     assert registry.get_artifact("remote_task-lora")["uri"] == meta["lora_uri"]
+
+
+def test_the_read_only_registry_shows_tasks_found_on_disk_and_writes_nothing(home: Path):
+    import hashlib
+    import sqlite3
+
+    from sage_ray.registry.client import ReadOnlyRegistry
+
+    store = RegistryStore(home / "registry.db")
+    store.upsert_artifact({"name": "task_a", "kind": "lora", "path": str(home / "studio_finetune" / "task_a" / "lora"),
+                           "task_id": "task_a"})
+    store.create_job("task_b", config={}, status="completed")
+    del store
+    def contents() -> dict[str, str]:  # the database and its write-ahead log (-shm is readers' shared memory)
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(home.glob("registry.db*"))
+                if not f.name.endswith("-shm")}
+
+    before = contents()
+    view = ReadOnlyRegistry(home)
+    names = {a["name"] for a in view.list_artifacts()}
+    assert {"task_a", "task_b"} <= names  # task_b is on disk only: found in memory
+    assert view.get_task_model("task_b")["kind"] == "merged" and view.get_job("task_b")["status"] == "completed"
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        view.store.upsert_artifact({"name": "x", "kind": "base", "path": str(home / "models" / "tiny-base")})
+    assert contents() == before
+
+
+def test_the_read_only_registry_of_an_empty_home_creates_nothing(tmp_path: Path):
+    from sage_ray.registry.client import ReadOnlyRegistry
+
+    view = ReadOnlyRegistry(tmp_path / "nothing_here")
+    assert view.list_artifacts() == [] and view.list_jobs() == [] and view.get_active_model() is None
+    assert not (tmp_path / "nothing_here").exists()
+
+
+def test_a_task_type_names_its_newest_completed_fine_tune(home: Path):
+    from sage_ray.registry.client import ReadOnlyRegistry
+    from sage_ray.serve.resolve import ModelRefError, find_artifact
+
+    store = RegistryStore(home / "registry.db")
+    for task_id, finished in (("task_b", "2026-01-02T00:00:00+00:00"), ("task_a", "2026-01-03T00:00:00+00:00")):
+        store.create_job(task_id, config={"task": "code"})
+        store.update_job(task_id, status="completed", finished_at=finished)
+    store.create_job("running", config={"task": "qa"})
+    view = ReadOnlyRegistry(home)
+    assert find_artifact("code", view, [home])["task_id"] == "task_a"  # the newer of the two
+    with pytest.raises(ModelRefError, match="no model named 'qa'"):  # its only job has not completed
+        find_artifact("qa", view, [home])

@@ -398,3 +398,19 @@ def test_a_stopped_run_cannot_touch_its_resumed_successor(store: RegistryStore):
     assert late is None and store.get_job("t")["status"] == "queued"
     assert store.update_job("t", owner="t-resume1", status="training")["status"] == "training"
     assert store.update_job("t", status="failed", error="x")["status"] == "failed"  # no owner: no guard
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "tiny-qwen2", "SmolLM2-135M-Instruct"])
+def test_a_task_cannot_take_a_built_in_models_name(store: RegistryStore, name: str):
+    with pytest.raises(AlreadyExistsError, match="built-in model"):
+        store.create_job(name, config={})
+    assert store.get_job(name) is None
+
+
+def test_a_task_cannot_take_another_models_registry_name(store: RegistryStore, tmp_path: Path):
+    store.upsert_artifact({"name": "my-base", "kind": "base", "path": str(tmp_path / "my-base")})
+    store.upsert_artifact({"name": "old-task", "kind": "merged", "path": str(tmp_path / "old"), "task_id": "old-task"})
+    with pytest.raises(AlreadyExistsError, match="registry name of a base model"):
+        store.create_job("my-base", config={})
+    assert store.create_job("old-task", config={})["task_id"] == "old-task"  # its own models: a re-run
+    assert store.get_artifact("my-base")["kind"] == "base"

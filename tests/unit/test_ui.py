@@ -505,3 +505,16 @@ def test_base_choices_include_the_served_base_the_registry_lacks():
     assert fmt.base_model_choices([], cur) == [("tiny-qwen2", "/h/models/tiny-qwen2")]
     lora = {"name": "t1", "kind": "lora", "path": "/h/t1/lora", "base_model": "/h/models/tiny-qwen2"}
     assert fmt.base_model_choices([], lora) == [("tiny-qwen2", "/h/models/tiny-qwen2")]
+
+
+def test_the_log_view_shows_lines_for_people_not_the_event_json():
+    from sage_ray.train.callbacks import log_text
+
+    class Logs(RecordingService):
+        def job_logs(self, task_id, tail=200):
+            event = {"step": 1, "loss": 2.5, "total_steps": 4}
+            return log_text("step 1/4 loss 2.5000", event) + log_text("training done")
+
+    views = tasks_panel.task_views(Logs([job("run", "training", "2026-11-30T10:00:00")]), None)
+    assert "step 1/4 loss 2.5000" in views["logs"] and "training done" in views["logs"]
+    assert "EVENT" not in views["logs"] and '"loss"' not in views["logs"]

@@ -8,12 +8,10 @@ transformers or vLLM, so the deployment can import the protocol cheaply.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator, Protocol, runtime_checkable
 
+from sage_ray.artifacts import ADAPTER_CONFIG, adapter_base  # noqa: F401 (engines import it from here)
 from sage_ray.utils import is_available
 
 KINDS = ("base", "merged", "lora")
@@ -53,7 +51,7 @@ class ModelSpec:
         if not base:
             raise EngineError(
                 f"LoRA adapter {self.name!r} needs its base model: pass base_path= (there is no "
-                f"base_model_name_or_path in {self.path}/adapter_config.json either)"
+                f"base_model_name_or_path in {self.path}/{ADAPTER_CONFIG} either)"
             )
         return str(base)
 
@@ -154,15 +152,6 @@ async def complete(stream: AsyncIterator[Delta]) -> Delta:
         parts.append(delta.text)
         last = delta
     return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
-
-
-def adapter_base(path: str | os.PathLike) -> str | None:
-    """base_model_name_or_path from a LoRA folder's adapter_config.json (None when absent or unreadable)."""
-    try:
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("base_model_name_or_path") or None
 
 
 def has_cuda_gpu() -> bool:

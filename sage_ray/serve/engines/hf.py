@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import gc
 import os
 import queue
 import threading
@@ -26,6 +25,7 @@ import torch
 from sage_ray.inference import encode_chat, stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
 from sage_ray.serve.engines.artifacts import folder_stamp
+from sage_ray.serve.engines.devices import free_memory, pick_dtype
 from sage_ray.serve.engines.base import BASE_ADAPTER, Delta, EngineError, ModelSpec, SamplingParams
 from sage_ray.serve.engines.hf_batch import Request, run_batch
 
@@ -67,13 +67,15 @@ class HFEngine:
     process; default: torch's own, i.e. the cores Ray or OMP_NUM_THREADS allow)."""
 
     name = "hf"
+    serves_asleep = True  # asleep it answers from the CPU, slower
 
     def __init__(self, *, device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
                  batch_wait_ms: float = 5.0, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _pick_dtype(self.device, dtype)
+        self.home_device = self.device  # where wake() moves the model back to
+        self.dtype = pick_dtype(self.device, dtype)
         self.max_batch_size = max(1, int(max_batch_size))
         self.batch_wait_s = max(0.0, batch_wait_ms) / 1000
         self._served: _Served | None = None
@@ -101,9 +103,10 @@ class HFEngine:
             self._served.default_adapter = model.name if model.kind == "lora" else BASE_ADAPTER
             return
         served = await asyncio.to_thread(self._load, model)
+        self._counts["base_loads"] += 1
         old = await asyncio.to_thread(self._locked, self._swap, served)
         del old
-        _free_memory(self.device)
+        free_memory(self.device)
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._loop, name="sage-hf-engine", daemon=True)
             self._worker.start()
@@ -319,6 +322,7 @@ class HFEngine:
             "default_adapter": served.default_adapter if served else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "base_loads": self._counts["base_loads"],
             "requests_served": self._counts["requests_served"],
             "requests_failed": self._counts["requests_failed"],
             "tokens_generated": self._counts["tokens_generated"],
@@ -337,7 +341,21 @@ class HFEngine:
             if isinstance(item, Request):
                 item.fail(EngineError("the engine shut down before this request ran; retry on another replica"))
         self._served = None
-        _free_memory(self.device)
+        free_memory(self.device)
+
+    async def sleep(self) -> None:
+        """Leave the GPU: the model moves to the CPU and keeps answering there (before start:
+        it loads there). Requests keep flowing on whichever device the model is on."""
+        await asyncio.to_thread(self._locked, self._move, torch.device("cpu"))
+
+    async def wake(self) -> None:
+        await asyncio.to_thread(self._locked, self._move, self.home_device)
+
+    def _move(self, target: torch.device) -> None:
+        if self._served is not None and self.device != target:
+            self._served.model.to(target)
+        self.device, left = target, self.device  # the next batch's inputs follow the model
+        free_memory(left)
 
     def _stop_worker(self, *, timeout: float) -> None:
         worker, self._worker = self._worker, None
@@ -368,26 +386,8 @@ class HFEngine:
             return fn(*args)
 
 
-def _pick_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
-    if dtype:
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise EngineError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-        return getattr(torch, dtype)
-    if device.type == "cpu":
-        return torch.float32  # half precision on CPU is slow and lossy
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
 def _pad_id(tokenizer, model) -> int:
     for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
         if isinstance(candidate, int):
             return candidate
     return 0
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -1,0 +1,27 @@
+"""Torch device helpers shared by the transformers engine's loading and lending paths."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from sage_ray.serve.engines.base import EngineError
+
+
+def pick_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
+    if dtype:
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise EngineError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32  # half precision on CPU is slow and lossy
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
