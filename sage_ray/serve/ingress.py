@@ -34,6 +34,12 @@ def _unwrap(err: BaseException) -> BaseException:
     return _unwrap(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
+def _problem(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":  # an OpenAI field (or a typo) this server does not implement
+        return "not supported by this server (the README's OpenAI API table lists what is); leave it out"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     from sage_ray.errors import SageError
     from sage_ray.serve.service import ServiceError
@@ -48,9 +54,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in err.errors())
-        return _error(400, f"bad request: {problems}")
+        errors = err.errors()
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+        problems = "; ".join(f"{field}: {_problem(e)}" for field, e in zip(fields, errors))
+        return _error(400, f"bad request: {problems}", {"param": fields[0] if fields else None})
 
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
@@ -79,6 +86,8 @@ def install_auth(app: FastAPI, settings: StudioSettings) -> None:
 def build_asgi_app(service) -> FastAPI:
     from sage_ray.serve.guard import RequestGuard
     from sage_ray.serve.openai_api import build_openai_router
+    from sage_ray.serve.openai_files import build_files_router
+    from sage_ray.serve.openai_finetune import build_finetune_router
     from sage_ray.serve.studio_api import build_studio_router
 
     settings = service.settings
@@ -94,6 +103,8 @@ def build_asgi_app(service) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(build_openai_router(service))
+    app.include_router(build_files_router(service))
+    app.include_router(build_finetune_router(service))
     app.include_router(build_studio_router(service))
     if service.settings.ui:  # last: a mount at "/" takes every path not matched above
         from sage_ray.ui.app import mount_ui

@@ -40,7 +40,8 @@ from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 log = logging.getLogger("ray.serve")
 DECLARE_WAIT_S = 5.0
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "json_schema")
 
 
 class ModelUnavailableError(SageError, RuntimeError):
@@ -260,10 +261,9 @@ class LLMServer:
         """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
         self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
+        stream = _reply(engine, spec, request)
         yield {"model": spec.name, "text": "", "finish_reason": None}
-        async for delta in engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                       params=params):
+        async for delta in stream:
             yield asdict(delta)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -272,9 +272,7 @@ class LLMServer:
 
         self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
-        delta = await complete(engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                           params=params))
+        delta = await complete(_reply(engine, spec, request))
         return {"model": spec.name, **asdict(delta)}
 
     async def status(self) -> dict[str, Any]:
@@ -337,6 +335,18 @@ class LLMServer:
         engine = self.engines.get(self.active.full_model_path) if self.active is not None else None
         if engine is not None and not self.loans.silences(engine):
             await engine.check_health()
+
+
+def _reply(engine: Engine, spec: ModelSpec, request: dict[str, Any]) -> AsyncIterator:
+    """The engine's stream for a chat request, or for a raw `prompt` (/v1/completions)."""
+    from sage_ray.serve.engines.base import check_supported
+
+    values = {k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None}
+    check_supported(engine, values, raw_prompt="prompt" in request)
+    params, adapter = SamplingParams(**values), spec.name if spec.kind == "lora" else None
+    if "prompt" in request:
+        return engine.generate(request["prompt"], adapter=adapter, params=params)
+    return engine.chat(request["messages"], adapter=adapter, params=params)
 
 
 def _runtime():
