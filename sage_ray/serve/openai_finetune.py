@@ -50,17 +50,39 @@ class Supervised(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Literal["auto"] = Field("auto", description="DPO's beta, in (0, 2]; auto: TrainConfig's default.")
+
+    @model_validator(mode="after")
+    def _beta(self) -> "DpoHyperparameters":
+        if self.beta != "auto" and not 0 < self.beta <= 2:
+            raise ValueError(f"beta must be 'auto' or in (0, 2], got {self.beta}")
+        return self
+
+
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Strict):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: Dpo | None = None
     reinforcement: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _supervised_only(self) -> "Method":
-        if self.type != "supervised" or self.dpo is not None or self.reinforcement is not None:
-            raise ValueError(f"type {self.type!r}: only 'supervised' fine-tuning is supported by this server")
+    def _supported(self) -> "Method":
+        if self.type == "reinforcement" or self.reinforcement is not None:
+            raise ValueError("type 'reinforcement': only 'supervised' and 'dpo' fine-tuning are supported by this server")
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} given with type {self.type!r}: give the settings of the type you chose")
         return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters | None:
+        settings = self.supervised if self.type == "supervised" else self.dpo
+        return settings.hyperparameters if settings else None
 
 
 class FineTuneRequest(Strict):
@@ -76,12 +98,12 @@ class FineTuneRequest(Strict):
     def _check(self) -> "FineTuneRequest":
         if self.validation_file is not None:
             raise ValueError("validation_file: held-out evaluation is not supported by this server yet; leave it out")
-        if self.hyperparameters and self.method and self.method.supervised and self.method.supervised.hyperparameters:
-            raise ValueError("give hyperparameters once: in method.supervised.hyperparameters")
+        if self.hyperparameters and self.method and self.method.hyperparameters:
+            raise ValueError(f"give hyperparameters once: in method.{self.method.type}.hyperparameters")
         return self
 
     def effective_hyperparameters(self) -> Hyperparameters:
-        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        nested = self.method.hyperparameters if self.method else None
         return nested or self.hyperparameters or Hyperparameters()
 
 
@@ -89,6 +111,14 @@ def default_lr() -> float:
     from sage_ray.config import TrainConfig
 
     return TrainConfig.model_fields["lr"].default
+
+
+def _method(config: dict[str, Any], hyper: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's method object of a job; orpo / kto jobs (started elsewhere) carry their own type name."""
+    kind = {"sft": "supervised"}.get(config.get("method", "sft"), config.get("method"))
+    if kind == "dpo":
+        hyper = {**hyper, "beta": config.get("beta") or "auto"}
+    return {"type": kind, kind: {"hyperparameters": hyper}}
 
 
 def _ts(iso: str | None) -> int | None:
@@ -111,6 +141,9 @@ class FineTuning:
                    "epochs": None if hp.n_epochs == "auto" else hp.n_epochs,
                    "batch_size": None if hp.batch_size == "auto" else hp.batch_size,
                    "lr": None if hp.learning_rate_multiplier == "auto" else default_lr() * hp.learning_rate_multiplier}
+        if body.method and body.method.type == "dpo":  # OpenAI's DPO JSONL is one of the dataset formats
+            request["method"] = "dpo"
+            request["beta"] = None if getattr(hp, "beta", "auto") == "auto" else hp.beta
         return self.job(self.service.create_job(request))
 
     def job(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +165,7 @@ class FineTuning:
                 "training_file": self.files.by_path(config.get("data")) or config.get("data"), "validation_file": None,
                 "result_files": [], "trained_tokens": None, "error": error, "seed": config.get("seed"),
                 "estimated_finish": int(time.time() + eta) if eta and status == "running" else None,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                "method": _method(config, hyper),
                 "integrations": [], "metadata": None, "user_provided_suffix": None,
                 "status_detail": record.get("status_detail"), "progress": record.get("progress")}
 

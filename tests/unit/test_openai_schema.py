@@ -98,8 +98,15 @@ def test_fine_tune_request_maps_hyperparameters_and_refuses_the_rest():
         "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}}})
     assert body.effective_hyperparameters().n_epochs == 2
     assert body.effective_hyperparameters().learning_rate_multiplier == "auto"
-    assert "only 'supervised'" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
-                                                            "method": {"type": "dpo"}})
+    dpo = FineTuneRequest.model_validate({"model": "tiny", "training_file": "file-x", "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3}}}})
+    assert dpo.effective_hyperparameters().beta == 0.2 and dpo.effective_hyperparameters().n_epochs == 3
+    assert "only 'supervised' and 'dpo'" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
+                                                                     "method": {"type": "reinforcement"}})
+    assert "method.supervised given with type 'dpo'" in refused(FineTuneRequest, {
+        "model": "m", "training_file": "f", "method": {"type": "dpo", "supervised": {}}})
+    assert "beta must be" in refused(FineTuneRequest, {"model": "m", "training_file": "f", "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}}})
     assert "validation_file" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
                                                           "validation_file": "file-y"})
     assert "once" in refused(FineTuneRequest, {"model": "m", "training_file": "f",
