@@ -202,7 +202,7 @@ def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_d
     import openai
 
     training = client.files.create(file=("train.jsonl", openai_jsonl(chat_data, 8)), purpose="fine-tune")
-    for bad, named in (({"method": {"type": "dpo", "dpo": {}}}, "supervised"),
+    for bad, named in (({"method": {"type": "dpo", "dpo": {}}}, "method 'dpo' trains on preference data"),
                        ({"validation_file": training.id}, "validation_file"),
                        ({"hyperparameters": {"n_epochs": 0}}, "n_epochs"),
                        ({"training_file": "file-000000000000000000000000"}, "training_file"),
