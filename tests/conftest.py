@@ -1,5 +1,5 @@
-"""Fixtures shared by every test folder: an isolated $SAGE_HOME, the tiny model, and the
-session's one local Ray cluster (started on first use by an integration or e2e test)."""
+"""Fixtures shared by every test folder: an isolated $SAGE_HOME, the tiny and demo models, and
+the session's one local Ray cluster (started on first use by an integration or e2e test)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sage_ray.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (the demo model), converted from its GGUF once per test session (~20 s).
+    A real chat model: it ends its turn by itself, and vLLM runs it on CPU (the tiny model's
+    head size of 16 has no vLLM CPU attention kernel)."""
+    from sage_ray.models import ensure_demo_model
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SAGE_HOME", str(tmp_path_factory.mktemp("demo_home")))
+        return ensure_demo_model(progress=False)
+

@@ -94,9 +94,11 @@ def test_oversize_bodies_are_refused_as_they_arrive(studio):
                       headers={"Content-Type": "application/json"})
     assert big.status_code == 413 and "max_body_mb" in big.json()["error"]["message"]
 
-    def chunks():  # no Content-Length: the guard counts the stream
+    def chunks():  # a multipart upload sent without Content-Length: the guard counts the stream
+        yield (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.json"\r\n'
+               b"Content-Type: application/json\r\n\r\n[")
         for _ in range(40):
-            yield b"y" * 64 * 1024
+            yield b'{"instruction": "a", "output": "b"},' * 1800
 
     streamed = client.post("/api/finetune/upload-dataset", content=chunks(),
                            headers={"Content-Type": "multipart/form-data; boundary=xyz"})

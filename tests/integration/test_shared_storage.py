@@ -99,7 +99,8 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     assert meta["lora_bytes"] == storage.read_manifest(meta["lora_uri"])["total_bytes"] > 0
 
     # What the LLM replica does on its node: resolve through the registry, fetch, verify, load.
-    serving = ServingRegistry(StudioSettings(sage_home=str(home)))
+    # the base was trained from a folder outside SAGE_HOME: the Studio serves from it once allowed
+    serving = ServingRegistry(StudioSettings(sage_home=str(home), allowed_roots=[str(tiny_model_dir.parent)]))
     lora_spec = serving.spec(f"{task_id}-lora")
     merged_spec = serving.spec(task_id)
     cache = home / "cache"

@@ -255,30 +255,43 @@ def test_create_engine_picks_hf_without_a_gpu_and_vllm_needs_its_extra():
     with pytest.raises(EngineError, match="unknown engine"):
         create_engine("tgi")
     if not is_available("vllm"):
-        with pytest.raises(EngineError, match=r"sage-ray\[vllm\]"):
+        with pytest.raises(EngineError, match="make install-vllm"):
             create_engine("vllm")
 
 
 def test_vllm_request_conversion():
-    from sage_ray.serve.engines import vllm
+    from sage_ray.serve.engines import vllm_args
 
     params = SamplingParams(max_tokens=9, temperature=0, top_p=0.5, repetition_penalty=1.2, stop="###", seed=3)
-    assert vllm.sampling_kwargs(params, [2, 7]) == {
+    assert vllm_args.sampling_kwargs(params, [2, 7]) == {
         "n": 1, "max_tokens": 9, "temperature": 0, "top_p": 0.5, "repetition_penalty": 1.2, "stop": ["###"],
         "stop_token_ids": [2, 7], "seed": 3, "ignore_eos": False, "skip_special_tokens": True,
     }
-    args = vllm.engine_args("/m", gpu_memory=0.5, max_loras=2, max_lora_rank=12, max_model_len=2048)
+    # vLLM honours stop_token_ids even with ignore_eos: the end-of-turn ids must not go there
+    params.ignore_eos = True
+    assert vllm_args.sampling_kwargs(params, [2, 7])["stop_token_ids"] == []
+    args = vllm_args.engine_args("/m", gpu_memory=0.5, max_loras=2, max_lora_rank=12, max_model_len=2048)
     assert args == {"model": "/m", "enable_lora": True, "max_loras": 2, "max_lora_rank": 16,
                     "gpu_memory_utilization": 0.5, "max_model_len": 2048}
-    assert vllm.finish_reason("length") == "length" and vllm.finish_reason("stop") == "stop"
+    assert vllm_args.finish_reason("length") == "length" and vllm_args.finish_reason("stop") == "stop"
     with pytest.raises(EngineError, match="retry"):
-        vllm.finish_reason("abort")
+        vllm_args.finish_reason("abort")
+    for reason in ("error", "repetition"):
+        with pytest.raises(EngineError, match=reason):
+            vllm_args.finish_reason(reason)
     with pytest.raises(EngineError, match="smaller r"):
-        vllm.lora_rank_limit(1024)
+        vllm_args.lora_rank_limit(1024)
+
+
+def test_vllm_engine_refuses_a_single_lora_slot():
+    from sage_ray.serve.engines.vllm import VLLMEngine
+
+    with pytest.raises(EngineError, match="max_loras must be >= 2"):
+        VLLMEngine(max_loras=1)
 
 
 def test_vllm_gpu_memory_option_and_env(monkeypatch):
-    from sage_ray.serve.engines.vllm import resolve_gpu_memory
+    from sage_ray.serve.engines.vllm_args import resolve_gpu_memory
 
     monkeypatch.delenv("SAGE_STUDIO_LLM_GPU_MEMORY", raising=False)
     assert resolve_gpu_memory() == 0.85
@@ -299,131 +312,3 @@ def test_model_spec_and_params_validate():
     with pytest.raises(EngineError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ["x"]
-
-
-# --- the vLLM engine's side of the vLLM API, against a stand-in that records the calls ------
-# vLLM cannot run here (CUDA-only). The stand-in has the documented AsyncLLM surface
-# (from_engine_args, generate with cumulative outputs, add_lora/remove_lora, check_health,
-# shutdown, get_tokenizer): it checks the engine's control flow, not vLLM itself.
-
-
-class _FakeAsyncLLM:
-    started: list = []
-
-    def __init__(self, args):
-        from transformers import AutoTokenizer
-
-        if not (Path(args.kwargs["model"]) / "model.safetensors").exists():
-            raise RuntimeError("no weights")
-        self.args, self.loras, self.requests = args.kwargs, {}, []
-        self.tokenizer = AutoTokenizer.from_pretrained(args.kwargs["model"])
-        _FakeAsyncLLM.started.append(self)
-
-    @classmethod
-    def from_engine_args(cls, args):
-        return cls(args)
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    async def add_lora(self, request):
-        self.loras[request.lora_int_id] = request
-        return True
-
-    async def remove_lora(self, lora_id):
-        return self.loras.pop(lora_id, None) is not None
-
-    async def generate(self, prompt, sampling, request_id, *, lora_request=None):
-        from types import SimpleNamespace as NS
-
-        self.requests.append((prompt, sampling, lora_request))
-        words = [f"w{i}{'é' if i % 2 else ''} " for i in range(sampling.kwargs["max_tokens"])]
-        for n in range(1, len(words) + 1):
-            done = n == len(words)
-            out = NS(text="".join(words[:n]), token_ids=list(range(n)), finish_reason="length" if done else None)
-            yield NS(outputs=[out], finished=done)
-
-    async def check_health(self):
-        return None
-
-    def shutdown(self):
-        self.down = True
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    import sys
-    import types
-    from dataclasses import dataclass
-
-    class Recorder:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    @dataclass
-    class LoRARequest:
-        lora_name: str
-        lora_int_id: int
-        lora_path: str
-
-    modules = {
-        "vllm": {"SamplingParams": Recorder},
-        "vllm.inputs": {"TokensPrompt": dict},
-        "vllm.lora": {},
-        "vllm.lora.request": {"LoRARequest": LoRARequest},
-        "vllm.engine": {},
-        "vllm.engine.arg_utils": {"AsyncEngineArgs": Recorder},
-        "vllm.v1": {},
-        "vllm.v1.engine": {},
-        "vllm.v1.engine.async_llm": {"AsyncLLM": _FakeAsyncLLM},
-    }
-    for name, attributes in modules.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-    _FakeAsyncLLM.started = []
-    return _FakeAsyncLLM
-
-
-def test_vllm_engine_flow(fake_vllm, tiny_model_dir, lora_dirs, tmp_path):
-    from sage_ray.inference import encode_chat
-    from sage_ray.serve.engines.vllm import VLLMEngine
-
-    engine = VLLMEngine(gpu_memory_utilization=0.5, max_lora_rank=8)
-    run(engine.start(ModelSpec("tiny", str(tiny_model_dir), "base")))
-    llm = fake_vllm.started[-1]
-    assert llm.args["enable_lora"] and llm.args["gpu_memory_utilization"] == 0.5
-    run(engine.load_adapter(lora_spec("a1", lora_dirs, tiny_model_dir)))
-    run(engine.load_adapter(lora_spec("a1", lora_dirs, tiny_model_dir)))  # idempotent
-    assert engine.adapters == ["a1"] and len(llm.loras) == 1
-
-    async def pieces():
-        return [d async for d in engine.chat(QUESTION, adapter="a1", params=greedy(5, stop=["###"]))]
-
-    deltas = run(pieces())
-    assert "".join(d.text for d in deltas) == "w0 w1é w2 w3é w4 "  # cumulative outputs diffed
-    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 5
-    prompt, sampling, lora = llm.requests[-1]
-    assert lora.lora_name == "a1" and sampling.kwargs["stop"] == ["###"] and sampling.kwargs["temperature"] == 0
-    assert prompt["prompt_token_ids"] == encode_chat(llm.tokenizer, QUESTION)
-    assert deltas[-1].prompt_tokens == len(prompt["prompt_token_ids"])
-    with pytest.raises(EngineError, match="not loaded"):
-        run(complete(engine.chat(QUESTION, adapter="nope")))
-    # Same base again with a lora spec: no vLLM restart, the adapter becomes the default.
-    run(engine.start(lora_spec("a2", lora_dirs, tiny_model_dir)))
-    assert fake_vllm.started[-1] is llm and engine.stats()["default_adapter"] == "a2"
-    run(engine.unload_adapter("a1"))
-    assert engine.adapters == ["a2"] and len(llm.loras) == 1
-    # A model vLLM fails to load: the error says so and the previous model is started again.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")
-    with pytest.raises(EngineError, match="cannot serve"):
-        run(engine.start(ModelSpec("broken", str(broken), "merged")))
-    assert engine.base_path == str(tiny_model_dir.resolve()) and engine.adapters == ["a2"]
-    assert engine.stats()["default_adapter"] == "a2"
-    assert llm.down and fake_vllm.started[-1] is not llm  # vLLM holds GPU memory: the old one stopped first
-    run(engine.check_health())
-    run(engine.shutdown())
-    with pytest.raises(EngineError, match="start"):
-        run(engine.check_health())

