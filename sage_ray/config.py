@@ -91,16 +91,35 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "bf16 and fp16 are both true: pick one precision (bf16 on Ampere GPUs or newer, fp16 on older ones)"
             )
-        if self.beta is not None and self.method not in PREFERENCE_METHODS:
+        return self
+
+    # Checks against `method` (declared before these fields, so info.data has it): the error then
+    # names the field the user should change.
+    @field_validator("beta")
+    @classmethod
+    def _beta_needs_a_preference_method(cls, value: float | None, info) -> float | None:
+        method = info.data.get("method", "sft")
+        if value is not None and method not in PREFERENCE_METHODS:
             raise ValueError(f"beta applies to the preference methods {PREFERENCE_METHODS} only, and method is "
-                             f"{self.method!r}: set method to dpo, orpo or kto, or remove beta")
-        if self.method != "sft" and self.train_on_prompt:
-            raise ValueError(f"train_on_prompt applies to method sft only; {self.method} learns from the replies "
-                             "it compares: remove train_on_prompt")
-        if self.method == "kto" and self.batch_size == 1:
+                             f"{method!r}: set method to dpo, orpo or kto, or remove beta")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _kto_batch(cls, value: int | None, info) -> int | None:
+        if info.data.get("method") == "kto" and value == 1:
             raise ValueError("batch_size must be at least 2 for method kto: its KL estimate pairs each reply with "
                              "another prompt of the same batch; set batch_size to 2 or more")
-        return self
+        return value
+
+    @field_validator("train_on_prompt")
+    @classmethod
+    def _prompt_tokens_are_sft_only(cls, value: bool, info) -> bool:
+        method = info.data.get("method", "sft")
+        if value and method != "sft":
+            raise ValueError(f"train_on_prompt applies to method sft only; {method} learns from the replies "
+                             "it compares: remove train_on_prompt")
+        return value
 
     @property
     def quantization(self) -> str:

@@ -67,11 +67,11 @@ def start(
     from sage_ray.cluster import ensure_cluster
 
     base = load_train_config(config) if config else None
-    cfg = build_config(base, task=task, model=model,
-                       data=str(data) if data else None, method=method, beta=beta, preset=preset, epochs=epochs, max_steps=max_steps,
-                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
-                       lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
-                       save_steps=save_steps, cpus_per_worker=cpus_per_worker)
+    cfg = jobs_call(build_config, base, task=task, model=model, data=str(data) if data else None,
+                    method=method, beta=beta, preset=preset, epochs=epochs, max_steps=max_steps,
+                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
+                    lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
+                    save_steps=save_steps, cpus_per_worker=cpus_per_worker)
     cfg = jobs_call(jobs.prepare, cfg)  # a bad config or dataset fails before any cluster starts
     cluster = jobs_call(ensure_cluster, address)
     task_id = jobs_call(jobs.submit, cfg)

@@ -121,7 +121,7 @@ def string_field(record: dict, key: str, fail: Fail, required: bool = True) -> s
     return value
 
 
-def _refuse_unused(record: dict, used: tuple[str, ...], fmt: str, fail: Fail) -> None:
+def refuse_unused(record: dict, used: tuple[str, ...], fmt: str, fail: Fail) -> None:
     """A key that changes meaning but that `fmt` has no place for is an error, not ignored."""
     for key in MEANINGFUL:
         if key in record and key not in used:
@@ -143,14 +143,14 @@ def alpaca_prompt(record: dict, fail: Fail) -> list[dict]:
 
 
 def _alpaca(record: dict, fail: Fail) -> Example:
-    _refuse_unused(record, ("system",), "alpaca", fail)
+    refuse_unused(record, ("system",), "alpaca", fail)
     messages = alpaca_prompt(record, fail)
     output = string_field(record, "output", fail)
     return Example(messages=messages + [{"role": "assistant", "content": output}])
 
 
 def _qa(record: dict, fail: Fail) -> Example:
-    _refuse_unused(record, (), "qa", fail)
+    refuse_unused(record, (), "qa", fail)
     question = string_field(record, "question", fail)
     answer = string_field(record, "answer", fail)
     context = string_field(record, "context", fail, required=False)
@@ -161,7 +161,7 @@ def _qa(record: dict, fail: Fail) -> Example:
 
 def _chat(record: dict, fail: Fail, sharegpt: bool) -> Example:
     fmt = "sharegpt" if sharegpt else "conversations"
-    _refuse_unused(record, ("tools", "system"), fmt, fail)
+    refuse_unused(record, ("tools", "system"), fmt, fail)
     key = "messages" if "messages" in record else "conversations"
     messages, weights = parse_turns(record[key], fail, key, sharegpt)
     messages = with_system(messages, record.get("system"), fail)
@@ -180,7 +180,7 @@ def _chat(record: dict, fail: Fail, sharegpt: bool) -> Example:
 
 
 def _text(record: dict, fail: Fail) -> Example:
-    _refuse_unused(record, (), "text", fail)
+    refuse_unused(record, (), "text", fail)
     return Example(text=string_field(record, "text", fail))
 
 

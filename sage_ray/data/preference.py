@@ -14,7 +14,7 @@ from typing import Any
 
 from sage_ray.data.chat import chat_style, is_learned, parse_tools, parse_turn, parse_turns, with_system
 from sage_ray.data.errors import json_type
-from sage_ray.data.formats import Example, Fail, alpaca_prompt
+from sage_ray.data.formats import Example, Fail, alpaca_prompt, refuse_unused
 
 _PROMPT_KEYS = ("prompt", "messages", "conversations", "instruction")
 _REPLY_SHAPE = 'a string, an assistant turn {"role": "assistant", "content": "..."}, or a list of them'
@@ -85,6 +85,7 @@ def pair_example(record: dict, fail: Fail) -> Example:
     if "label" in record:
         raise fail("the record has both chosen/rejected and a 'label'",
                    "write pairs (chosen/rejected) or labelled replies (label), not both", "label")
+    refuse_unused(record, ("chosen", "rejected", "tools", "system"), "preference", fail)
     prompt, _ = prompt_messages(record, fail)
     return Example(messages=prompt, tools=parse_tools(record.get("tools"), fail),
                    chosen=reply_messages(record["chosen"], fail, "chosen"),
@@ -93,6 +94,7 @@ def pair_example(record: dict, fail: Fail) -> Example:
 
 def openai_dpo_example(record: dict, fail: Fail) -> Example:
     """OpenAI's DPO fine-tuning JSONL."""
+    refuse_unused(record, (), "openai_dpo", fail)
     source = record.get("input")
     if not isinstance(source, dict) or "messages" not in source:
         raise fail("field 'input' must be an object with 'messages'",
@@ -106,6 +108,7 @@ def openai_dpo_example(record: dict, fail: Fail) -> Example:
 def kto_example(record: dict, fail: Fail) -> Example:
     """{messages|conversations, label} (the last assistant turn is the judged reply) or
     {prompt, completion, label}."""
+    refuse_unused(record, ("label", "tools", "system"), "kto", fail)
     label = record["label"]
     if not isinstance(label, bool):
         raise fail(f"field 'label' must be true (a desirable reply) or false (an undesirable one), "

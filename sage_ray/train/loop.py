@@ -165,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               processing_class=tokenizer, callbacks=callbacks)
         else:
             trainer = preference_trainer(cfg, model, tokenizer, items, training_kwargs(cfg, output_dir, on_gpu),
-                                         callbacks)
+                                         callbacks, log if rank0 else None)
         trainer.remove_callback(PrinterCallback)
         resume = None
         checkpoint = ray.train.get_checkpoint()

@@ -10,7 +10,7 @@ fresh adapter (equal to the base, since LoRA starts at zero), ORPO needs no refe
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from sage_ray.config import DEFAULT_BETA, TrainConfig
 from sage_ray.data import Dataset, load_dataset
@@ -58,8 +58,21 @@ def prepare_preference_data(cfg: TrainConfig):
     return dataset, HFDataset.from_list(rows), stats
 
 
-def preference_trainer(cfg: TrainConfig, model, tokenizer, rows, args: dict[str, Any], callbacks: list):
-    """TRL's trainer for `cfg.method`, with the loop's training arguments."""
+def preference_trainer(cfg: TrainConfig, model, tokenizer, rows, args: dict[str, Any], callbacks: list,
+                       log: Callable[[str], None] | None = None):
+    """TRL's trainer for `cfg.method`, with the loop's training arguments; says how many rows TRL
+    dropped (a prompt that alone fills max_length leaves no reply to learn) and refuses when all were."""
+    trainer = _make_trainer(cfg, model, tokenizer, rows, args, callbacks)
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise ValueError(f"{cfg.data}: every prompt alone fills max_length={cfg.max_length} tokens, so no reply is "
+                         "left to learn from; raise max_length")
+    if kept < len(rows) and log is not None:
+        log(f"{len(rows) - kept} of {len(rows)} rows dropped: their prompt alone fills max_length={cfg.max_length}")
+    return trainer
+
+
+def _make_trainer(cfg: TrainConfig, model, tokenizer, rows, args: dict[str, Any], callbacks: list):
     # TRL's configs default to bf16 and gradient checkpointing: the loop's explicit values win.
     args = {**args, "max_length": cfg.max_length, "beta": cfg.beta or DEFAULT_BETA,
             "gradient_checkpointing": args["activation_checkpointing"]}

@@ -19,7 +19,8 @@ _RUNS: dict = {}
 def run_once(name: str, **fields):
     """One fine-tune per name, shared by the tests of this module."""
     if name not in _RUNS:
-        cfg = TrainConfig(name=name, batch_size=4, max_length=128, save_steps=100, cpus_per_worker=1, **fields)
+        defaults = {"batch_size": 4, "max_length": 128, "save_steps": 100, "cpus_per_worker": 1}
+        cfg = TrainConfig(name=name, **{**defaults, **fields})
         _RUNS[name] = finetune(cfg)
     return _RUNS[name]
 
@@ -164,7 +165,8 @@ def test_tool_calling_sft_renders_tools_and_masks_results(ray_cluster, tiny_mode
     data = tmp_path / "tools.jsonl"
     cities = [("Paris", "sunny"), ("Oslo", "snowing"), ("Lima", "cloudy"), ("Cairo", "hot and dry")]
     data.write_text("".join(json.dumps(tool_record(c, w)) + "\n" for c, w in cities))
-    result = run_once("tools-tiny", model=str(tiny_model_dir), data=str(data), max_steps=4, lr=5e-3)
+    # the tools' schema in the system turn makes these records ~300 tokens
+    result = run_once("tools-tiny", model=str(tiny_model_dir), data=str(data), max_steps=4, lr=5e-3, max_length=512)
     assert result.meta["dataset"]["format"] == "conversations" and result.meta["metrics"]["steps"] == 4
 
     # the adapter's own tokenizer (what serving loads) renders the tools and the call
@@ -173,7 +175,7 @@ def test_tool_calling_sft_renders_tools_and_masks_results(ray_cluster, tiny_mode
     item = tokenize_example(tokenizer, example, max_length=512)
     text = tokenizer.decode(item.input_ids)
     trained = tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX])
-    assert '"name": "get_weather"' in text.split("</tools>")[0]  # the schema, in the system turn
+    assert '"name": "get_weather"' in text.split("\n</tools>")[0]  # the schema, in the system turn
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in trained
     assert '"weather": "sunny"' in text and '"weather": "sunny"' not in trained  # the tool result is masked
     assert "It is sunny in Paris right now." in trained

@@ -46,3 +46,17 @@ def test_finetune_list_never_cuts_a_task_id_on_a_narrow_terminal():
     lines = console.export_text().splitlines()
     assert all(any(task_id in line for line in lines) for task_id in ids)
     assert max(len(line) for line in lines) <= 80
+
+
+def test_start_refuses_preference_data_as_sft_and_beta_without_a_preference_method(tmp_path, monkeypatch):
+    """Both fail in `jobs.prepare`, before any cluster is started or joined."""
+    from pathlib import Path
+
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path / "home"))
+    pairs = Path(__file__).resolve().parents[2] / "sage_ray" / "quickstart" / "preference.jsonl"
+    runner = CliRunner(env={"COLUMNS": "400"})
+    as_sft = runner.invoke(app, ["finetune", "start", "--model", "tiny", "--data", str(pairs)])
+    assert as_sft.exit_code == 1 and "preference.jsonl, line 1" in as_sft.output
+    assert "--method dpo" in as_sft.output
+    beta = runner.invoke(app, ["finetune", "start", "--model", "tiny", "--data", str(pairs), "--beta", "0.2"])
+    assert beta.exit_code == 1 and "field 'beta': beta applies to the preference methods" in beta.output

@@ -257,6 +257,7 @@ def test_every_pair_shape_gives_the_same_example(tmp_path, record):
       "rejected": "r"}, "chosen", ["holds a user turn"]),
     ({"prompt": "p", "chosen": "c", "rejected": "r", "label": True}, "label", ["not both"]),
     ({"input": {"prompt": "p"}, "preferred_output": "c", "non_preferred_output": "r"}, "input", ["'messages'"]),
+    ({**PAIR, "weight": 0}, "weight", ["no meaning in the preference format"]),
 ])
 def test_bad_pairs_are_named(tmp_path, record, field, words):
     err = refusal(tmp_path, record, method="dpo")

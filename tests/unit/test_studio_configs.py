@@ -80,3 +80,13 @@ def test_a_model_only_in_shared_storage_is_checked_without_fetching(tmp_path):
     spec = spec_of({**gone, "uri": "s3://bucket/sage/studio_finetune/t/merged_model"}, fetch=False)
     assert spec.path == "s3://bucket/sage/studio_finetune/t/merged_model"  # nothing was downloaded
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "finetune").glob("*.yaml")))
+def test_shipped_finetune_configs_load_and_their_data_suits_their_method(name, monkeypatch):
+    from sage_ray.config import load_train_config
+    from sage_ray.data import load_dataset
+
+    monkeypatch.chdir(CONFIGS.parent)  # the configs name their data relative to the repository
+    cfg = load_train_config(CONFIGS / "finetune" / name)
+    assert len(load_dataset(cfg.data, method=cfg.method)) > 0
