@@ -1,5 +1,5 @@
-"""Datasets as users bring them: LLaMA-Factory's demo files (../shared/peer-data), OpenAI's chat
-and DPO fine-tuning formats, TRL's preference shapes; each accepted for the method it suits,
+"""Datasets as users bring them: LLaMA-Factory's demo files (tests/data/peer-data, Apache-2.0,
+copied unchanged), OpenAI's chat and DPO fine-tuning formats, TRL's preference shapes; each accepted for the method it suits,
 refused with file, record and field for the others, and rendered through the model's template."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from sage_ray.data import DatasetError, Example, load_dataset, parse_dataset_bytes
 from sage_ray.data.tokenize import IGNORE_INDEX, ChatTemplateError, tokenize_example
 
-PEER_DATA = Path(os.environ.get("SAGE_PEER_DATA", Path(__file__).resolve().parents[3] / "shared" / "peer-data"))
+PEER_DATA = Path(os.environ.get("SAGE_PEER_DATA", Path(__file__).resolve().parents[1] / "data" / "peer-data"))
 METHODS = ("sft", "dpo", "orpo", "kto")
 
 # file -> (format, records, the methods that accept it); every other method refuses it.
@@ -33,7 +33,7 @@ REFUSAL_FIX = {"alpaca": "--method sft", "sharegpt": "--method sft", "conversati
 def peer(name: str) -> Path:
     path = PEER_DATA / name
     if not path.exists():
-        pytest.skip(f"peer dataset {path} not present (set SAGE_PEER_DATA to the peer-data folder)")
+        pytest.fail(f"peer dataset {path} is missing: tests/data/peer-data ships them (or set SAGE_PEER_DATA)")
     return path
 
 
