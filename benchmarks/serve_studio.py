@@ -82,15 +82,19 @@ def throughput(url: str, concurrency: int, tokens: int, rounds: int = 2) -> floa
     return total / (time.perf_counter() - start)
 
 
-def in_process_tokens_per_s(model_dir: Path, tokens: int, rounds: int = 2) -> tuple[float, float]:
-    """The engine alone, same request, concurrency 1: (tokens/s, cold start seconds)."""
+def in_process_tokens_per_s(model_dir: Path, merged_dir: Path, tokens: int, rounds: int = 2) -> tuple[float, float]:
+    """The engine alone, same request, concurrency 1: (tokens/s of `model_dir`, seconds to
+    cold-load `merged_dir`: the model the Studio's full swap loads, in a fresh engine)."""
     from sage_ray.serve.engines import ModelSpec, SamplingParams, complete, create_engine
 
     async def run():
-        engine = create_engine("hf")
+        fresh = create_engine("hf")
         start = time.perf_counter()
-        await engine.start(ModelSpec("demo", str(model_dir), "base"))
+        await fresh.start(ModelSpec("demo-merged", str(merged_dir), "merged"))
         cold = time.perf_counter() - start
+        await fresh.shutdown()
+        engine = create_engine("hf")
+        await engine.start(ModelSpec("demo", str(model_dir), "base"))
         params = SamplingParams(max_tokens=tokens, temperature=0)
         await complete(engine.chat(PROMPT, params=params))  # warm-up, as the HTTP path had
         start, total = time.perf_counter(), 0
@@ -173,7 +177,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy_studio(StudioSettings(sage_home=str(home), model=str(demo), engine="hf", ui=False), port=port)
         url = f"http://127.0.0.1:{port}"
-        report(url, demo, args)
+        report(url, demo, merged, args)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -181,7 +185,7 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def report(url: str, demo: Path, args) -> None:
+def report(url: str, demo: Path, merged: Path, args) -> None:
     with httpx.Client(base_url=url, timeout=600) as client:
         generate(client, 8)  # warm-up
         switch = lambda ref: client.post("/api/finetune/switch-model", json={"model_path": ref}).raise_for_status()
@@ -195,7 +199,7 @@ def report(url: str, demo: Path, args) -> None:
         switch("demo-merged")
         full_swap = time.perf_counter() - start
         switch(demo.name)
-    rate_inproc, cold = in_process_tokens_per_s(demo, args.tokens)
+    rate_inproc, cold = in_process_tokens_per_s(demo, merged, args.tokens)
     print(f"1. adapter switch via the Studio API (POST switch-model until it answers with the adapter active): "
           f"p50 {percentile(adapter_times, .5) * 1000:.0f} ms, p99 {percentile(adapter_times, .99) * 1000:.0f} ms")
     print(f"2. full model swap base -> merged: {full_swap:.2f} s; cold load of that model in-process "

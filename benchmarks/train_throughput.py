@@ -13,7 +13,10 @@ padded.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +28,20 @@ from sage_ray.models import resolve_model
 from sage_ray.presets import apply_preset
 from sage_ray.train.callbacks import ProgressCallback
 from sage_ray.train.device import local_device
-from sage_ray.train.loop import load_lora_model, load_tokenizer, make_collator, prepare_data, training_arguments
+from sage_ray.data.tokenize import load_tokenizer
+from sage_ray.train.loop import load_lora_model, make_collator, prepare_data, training_arguments
+from sage_ray.train.trainer import WORKER_ENV
 
 DATA = Path(__file__).resolve().parents[1] / "sage_ray" / "quickstart" / "chat.json"
+
+
+def baseline_process(cfg: TrainConfig, model_dir: Path) -> dict:
+    """The baseline in a child process started with the glibc malloc settings the Ray Train
+    workers get (WORKER_ENV): glibc reads them at process start, so setting them here would
+    change nothing, and without them the comparison would measure the allocator, not Ray."""
+    command = [sys.executable, __file__, "--baseline-of", cfg.model_dump_json(), str(model_dir)]
+    done = subprocess.run(command, env={**os.environ, **WORKER_ENV}, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def baseline(cfg: TrainConfig, model_dir: Path) -> dict:
@@ -69,7 +83,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None, help="default: the cpu preset's (512)")
+    parser.add_argument("--baseline-of", nargs=2, metavar=("CONFIG_JSON", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline_of:  # the child process of baseline_process
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(json.dumps(baseline(TrainConfig.model_validate_json(args.baseline_of[0]), Path(args.baseline_of[1]))))
+        return
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model_dir = resolve_model(args.model)  # from the usual $SAGE_HOME: the demo converts once
@@ -84,7 +103,7 @@ def main() -> None:
 
     # Every run, the baseline included, sees the same machine: a local Ray cluster idling beside it.
     ray.init(num_cpus=threads, log_to_driver=False)
-    runs = {"baseline (transformers + peft, packed)": baseline(resolved, model_dir)}
+    runs = {"baseline (transformers + peft, packed)": baseline_process(resolved, model_dir)}
     print(f"model {args.model}, {args.steps} steps, batch {resolved.batch_size}, max_length {resolved.max_length}, "
           f"{threads} CPU threads, dataset {DATA.name}: {runs_stats(resolved, model_dir)}", flush=True)
     runs["sage-ray on Ray Train (packed)"] = ray_train(cfg, "bench-packed")

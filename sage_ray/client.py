@@ -77,6 +77,17 @@ class Job:
         """True once the job has ended: completed, failed or cancelled."""
         return self.status in TERMINAL
 
+    @property
+    def method(self) -> str:
+        """sft, dpo, orpo or kto."""
+        return (self.config or {}).get("method", "sft")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The latest preference metrics (rewards/accuracies, rewards/margins, ...); empty for sft."""
+        history = self.raw.get("loss_history") or []
+        return next((point[2] for point in reversed(history) if len(point) > 2), {})
+
 
 @dataclass
 class Model:
@@ -117,6 +128,8 @@ class Upload:
     filename: str
     records: int
     format: str
+    kind: str = "sft"
+    """What the records train: "sft", "pairs" (for method dpo / orpo / kto) or "labelled" (kto)."""
     sha256: str | None = None
     preview: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -230,8 +243,9 @@ class Jobs:
         self._c = client
 
     def create(self, config: Any = None, **values: Any) -> Job:
-        """Submit a fine-tune: a TrainConfig, a dict, or its fields as keywords (keywords win).
-        `data` must be a file the Studio can read: upload it first with `client.datasets.upload`."""
+        """Submit a fine-tune: a TrainConfig, a dict, or its fields as keywords (keywords win), e.g.
+        `create(data=upload.path, method="dpo", beta=0.1)`. `data` must be a file the Studio can read:
+        upload it first with `client.datasets.upload`."""
         body: dict[str, Any] = {}
         if config is not None:
             body = config.model_dump(mode="json", exclude_none=True) if hasattr(config, "model_dump") else dict(config)

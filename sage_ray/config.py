@@ -17,6 +17,9 @@ from sage_ray.errors import SageError
 
 TaskType = Literal["code", "qa", "chat", "instruction", "custom"]
 PresetName = Literal["auto", "cpu", "minimal", "rtx_3060", "rtx_4090", "a100", "h100"]
+Method = Literal["sft", "dpo", "orpo", "kto"]
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+DEFAULT_BETA = 0.1
 
 
 class _Strict(BaseModel):
@@ -48,6 +51,8 @@ class TrainConfig(_Strict):
     task: TaskType = Field("custom", description="Kind of task (code, qa, chat, instruction, custom); informational.")
     model: str = Field("demo", description="Base model: a local folder, a hub id, 'demo' (SmolLM2-135M-Instruct) or 'tiny'.")
     data: str | None = Field(None, description="Dataset file (JSON array or JSONL) in a supported format.")
+    method: Method = Field("sft", description="Training method: sft (supervised replies), dpo or orpo (chosen/rejected pairs), kto (replies labelled true/false, or pairs).")
+    beta: float | None = Field(None, gt=0, description="dpo/orpo/kto only: how strongly the preferences pull away from the base (TRL's beta); None: 0.1.")
     preset: PresetName = Field("auto", description="Memory preset; 'auto' picks by the worker's free GPU memory, else 'cpu'.")
     epochs: float = Field(1.0, gt=0, description="Training epochs (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -65,7 +70,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations to save memory. None takes the preset's.")
     optimizer: str | None = Field(None, description="transformers optimizer name (adamw_torch, paged_adamw_8bit, ...). None takes the preset's.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
-    packing: bool = Field(True, description="Padding-free batching: a batch's examples are concatenated without pad tokens.")
+    packing: bool = Field(True, description="Padding-free batching: a batch's examples are concatenated without pad tokens (sft; preference methods pad each pair).")
     train_on_prompt: bool = Field(False, description="Also compute the loss on system/user tokens (default: assistant tokens only).")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data parallel).")
     use_gpu: bool | None = Field(None, description="Train on GPUs; None uses them when the cluster has any.")
@@ -87,6 +92,34 @@ class TrainConfig(_Strict):
                 "bf16 and fp16 are both true: pick one precision (bf16 on Ampere GPUs or newer, fp16 on older ones)"
             )
         return self
+
+    # Checks against `method` (declared before these fields, so info.data has it): the error then
+    # names the field the user should change.
+    @field_validator("beta")
+    @classmethod
+    def _beta_needs_a_preference_method(cls, value: float | None, info) -> float | None:
+        method = info.data.get("method", "sft")
+        if value is not None and method not in PREFERENCE_METHODS:
+            raise ValueError(f"beta applies to the preference methods {PREFERENCE_METHODS} only, and method is "
+                             f"{method!r}: set method to dpo, orpo or kto, or remove beta")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _kto_batch(cls, value: int | None, info) -> int | None:
+        if info.data.get("method") == "kto" and value == 1:
+            raise ValueError("batch_size must be at least 2 for method kto: its KL estimate pairs each reply with "
+                             "another prompt of the same batch; set batch_size to 2 or more")
+        return value
+
+    @field_validator("train_on_prompt")
+    @classmethod
+    def _prompt_tokens_are_sft_only(cls, value: bool, info) -> bool:
+        method = info.data.get("method", "sft")
+        if value and method != "sft":
+            raise ValueError(f"train_on_prompt applies to method sft only; {method} learns from the replies "
+                             "it compares: remove train_on_prompt")
+        return value
 
     @property
     def quantization(self) -> str:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
+from sage_ray.artifacts import is_adapter
 
 
 def load_chat_model(path: str | Path):
@@ -41,7 +39,7 @@ def stop_ids_from(generation_config, tokenizer) -> list[int]:
     return ids
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Prompt ids for `messages` with the tokenizer's chat template and the assistant turn opened.
 
     The template is the one saved with the served artifact (an adapter folder carries the
@@ -52,8 +50,14 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no chat template: "
             "serve an instruct/chat model, or a fine-tune (its folder carries the template used in training)"
         )
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    extra = {"tools": tools} if tools else {}  # OpenAI-style tool definitions, rendered by the template
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra)
     return list(ids["input_ids"])
+
+
+def renders_tools(tokenizer) -> bool:
+    """The chat template uses the `tools` variable (transformers' convention for tool calling)."""
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
 def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 128, streamer=None,

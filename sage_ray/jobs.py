@@ -77,7 +77,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    load_dataset(cfg.data)
+    load_dataset(cfg.data, method=cfg.method)
     return cfg
 
 

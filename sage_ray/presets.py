@@ -80,6 +80,11 @@ def apply_preset(cfg: TrainConfig, device: DeviceInfo | None = None) -> TrainCon
             update["optimizer"] = "adamw_torch"
     if device is not None and device.kind == "cuda" and update.get("bf16") and not device.bf16:
         update["bf16"], update["fp16"] = False, True
+    if cfg.method == "kto" and update.get("batch_size", 2) < 2:
+        # KTO's KL estimate needs a second example in the batch; keep the effective batch size
+        update["batch_size"] = 2
+        if "grad_accum" in update:
+            update["grad_accum"] = max(1, update["grad_accum"] // 2)
     lora = cfg.lora.model_copy(
         update={key: value for key, value in lora_values.items() if getattr(cfg.lora, key) is None}
     )

@@ -46,6 +46,7 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
 def run_with_progress(cfg: TrainConfig, address: str | None):
     """Run `finetune` here, with a progress bar fed from the task's log; user errors exit 1."""
     from sage_ray.paths import TaskPaths
+    from sage_ray.train.callbacks import ECHO
     from sage_ray.train.trainer import finetune, new_task_id
 
     cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task)})
@@ -59,11 +60,13 @@ def run_with_progress(cfg: TrainConfig, address: str | None):
         bar = progress.add_task(cfg.name, total=None, loss="-", rate="-", visible=False)
         follower = threading.Thread(target=_follow_log, args=(paths.train_log, progress, bar, stop), daemon=True)
         follower.start()
+        ECHO["stdout"] = False  # the follower prints train.log: an echo too would show each line twice
         try:
             return finetune(cfg, address=address, log_to_driver=False)
         except SageError as err:
             error = err
         finally:
+            ECHO["stdout"] = True
             time.sleep(0.4)  # let the follower print the last lines
             stop.set()
             follower.join()

@@ -40,6 +40,9 @@ def start(
     task: Optional[str] = typer.Option(None, help="Kind of task: code, qa, chat, instruction or custom."),
     model: Optional[str] = typer.Option(None, help="Base model: local folder, hub id, 'demo' or 'tiny'. (default: demo)"),
     data: Optional[Path] = typer.Option(None, help="Dataset file, JSON array or JSONL."),
+    method: Optional[str] = typer.Option(None, help="sft (supervised), dpo or orpo (chosen/rejected pairs), kto "
+                                                   "(labelled replies). (default: sft)"),
+    beta: Optional[float] = typer.Option(None, help="dpo/orpo/kto: preference strength (default: 0.1)."),
     preset: Optional[str] = typer.Option(None, help="auto, cpu, minimal, rtx_3060, rtx_4090, a100 or h100. (default: auto)"),
     epochs: Optional[float] = typer.Option(None, help="Training epochs. (default: 1)"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
@@ -64,11 +67,11 @@ def start(
     from sage_ray.cluster import ensure_cluster
 
     base = load_train_config(config) if config else None
-    cfg = build_config(base, task=task, model=model,
-                       data=str(data) if data else None, preset=preset, epochs=epochs, max_steps=max_steps,
-                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
-                       lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
-                       save_steps=save_steps, cpus_per_worker=cpus_per_worker)
+    cfg = jobs_call(build_config, base, task=task, model=model, data=str(data) if data else None,
+                    method=method, beta=beta, preset=preset, epochs=epochs, max_steps=max_steps,
+                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
+                    lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
+                    save_steps=save_steps, cpus_per_worker=cpus_per_worker)
     cfg = jobs_call(jobs.prepare, cfg)  # a bad config or dataset fails before any cluster starts
     cluster = jobs_call(ensure_cluster, address)
     task_id = jobs_call(jobs.submit, cfg)
@@ -188,20 +191,29 @@ def _join(address: str | None) -> None:
 @app.command("list")
 def list_tasks() -> None:
     """Every fine-tune job in the registry: id, status, progress, loss, model."""
-    from rich.table import Table
-
     jobs = local_registry().list_jobs()
     if not jobs:
         console.print("no fine-tune jobs yet: `sage finetune quickstart chat` runs one")
         return
-    table = Table("task id", "status", "progress", "step", "loss", "model", "created")
+    Console().print(jobs_table(jobs))
+
+
+def jobs_table(jobs: list[dict]):
+    """The jobs as a table whose task ids are never cut (they are copied into other commands):
+    on a narrow terminal the other columns wrap instead."""
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("task id", no_wrap=True, min_width=max(len(job["task_id"]) for job in jobs))
+    for header in ("status", "progress", "step", "loss", "model", "created"):
+        table.add_column(header, overflow="fold")
     for job in jobs:
         config = job.get("config") or {}
         step = f"{job.get('step') or 0}/{job.get('total_steps') or '?'}"
         loss = f"{job['loss']:.4f}" if job.get("loss") is not None else "-"
         table.add_row(job["task_id"], status_text(job), f"{job.get('progress') or 0:.0f}%", step, loss,
                       str(config.get("model", "?")), (job.get("created_at") or "")[:19])
-    Console().print(table)
+    return table
 
 
 @app.command()

@@ -49,16 +49,10 @@ def format_finetuned(models: list[dict[str, Any]]) -> str:
 
 def check_model(ref: str, settings: StudioSettings) -> None:
     """Fail before deploying when `ref` names no servable model (the same lookup the Studio does)."""
-    from sage_ray.models import DEMO, TINY
     from sage_ray.serve.resolve import ModelRefError, find_artifact
 
-    if ref in (DEMO, TINY):  # built in: resolved (and fetched) by the LLM service itself
-        return
-    registry = local_registry()
-    wanted = lambda path: next((a for a in registry.list_artifacts() if a["path"] == path), None)  # noqa: E731
-    try:
-        find_artifact(ref, get_artifact=registry.get_artifact, get_task_model=registry.get_task_model,
-                      find_by_path=wanted, roots=settings.roots())
+    try:  # a built-in model is built by the LLM service itself, not here
+        find_artifact(ref, local_registry(), settings.roots(), build=False)
     except ModelRefError as err:
         fail(f"--llm-model {ref}: {err}\n`sage studio start --list-finetuned` lists the fine-tunes, "
              "`sage llm model show` every model")
@@ -107,12 +101,16 @@ def choose_port(details: dict[str, Any], host: str, port: int | None) -> int:
     return port
 
 
-def warn_if_public(host: str, api_key: str | None) -> None:
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Loopback needs nothing; another interface needs an API key, or --insecure said knowingly."""
     if host in LOOPBACK:
         return
-    console.print(f"[yellow]warning:[/] --host {host}: the Studio is reachable from the network; anyone who reaches "
-                  "it can run fine-tunes, switch models and read datasets." +
-                  ("" if api_key else " Protect it with an API key: --api-key KEY (or SAGE_STUDIO_API_KEY)."))
+    if not api_key and not insecure:
+        fail(f"--host {host} makes the Studio reachable from the network, where anyone could run fine-tunes, "
+             "switch models and read datasets: protect it with --api-key KEY (or SAGE_STUDIO_API_KEY), or "
+             "pass --insecure if this network is trusted")
+    console.print(f"[yellow]warning:[/] --host {host}: the Studio is reachable from the network" +
+                  ("; requests need the API key." if api_key else " WITHOUT an API key (--insecure)."))
 
 
 def _wait_text(app: dict[str, Any]) -> str:
@@ -140,7 +138,7 @@ def deploy(settings: StudioSettings, *, host: str, port: int) -> str:
 
 def launch(*, model: str | None = None, use_finetuned: bool = False, host: str = "127.0.0.1",
            port: int | None = None, address: str | None = None, api_key: str | None = None,
-           engine: str | None = None, ui: bool = True) -> str:
+           engine: str | None = None, ui: bool = True, insecure: bool = False) -> str:
     """Everything `sage studio start` does up to the URL (also used by `sage chat --backend finetune`)."""
     if use_finetuned and model:
         fail("give either --use-finetuned or --llm-model, not both")
@@ -155,8 +153,10 @@ def launch(*, model: str | None = None, use_finetuned: bool = False, host: str =
         settings = StudioSettings.from_env(model=model, engine=engine, api_key=api_key, ui=None if ui else False)
     except ValueError as err:
         fail(str(err))
+    check_exposure(host, settings.api_key_hash, insecure)
+    if host not in LOOPBACK:  # reached by the machine's names and addresses, which only the user knows
+        settings.allowed_hosts = ["*"]
     check_model(settings.model, settings)
-    warn_if_public(host, settings.api_key_sha256)
     info = join_cluster(address, start=True)
     port = choose_port(serve_details(), host, port)
     url = deploy(settings, host=host, port=port)
@@ -183,13 +183,14 @@ def start(
     engine: Optional[str] = typer.Option(None, help="auto, hf or vllm (default: auto = vLLM when a GPU and vllm "
                                                     "are there, else transformers)."),
     no_ui: bool = typer.Option(False, "--no-ui", hidden=True, help="Serve the APIs without the Gradio UI."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without an API key."),
 ) -> None:
     """Start (or join) a Ray cluster, deploy the Studio, wait until it is healthy, print its URL."""
     if list_finetuned:
         print(format_finetuned(finetuned_models()))
         return
     url = launch(model=llm_model, use_finetuned=use_finetuned, host=host, port=port, address=address,
-                 api_key=api_key, engine=engine, ui=not no_ui)
+                 api_key=api_key, engine=engine, ui=not no_ui, insecure=insecure)
     print(url)
     if not no_browser and not no_ui:
         webbrowser.open(f"{url}/")

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sage_ray.data.chat import chat_style, is_learned, parse_tools, parse_turns, with_system
 from sage_ray.data.errors import DatasetError, json_type
 
-FORMATS = ("alpaca", "qa", "conversations", "sharegpt", "text")
+FORMATS = ("alpaca", "qa", "conversations", "sharegpt", "text", "preference", "openai_dpo", "kto")
+
+# What a format's records train: supervised replies, chosen/rejected pairs, or labelled replies.
+KINDS = {"alpaca": "sft", "qa": "sft", "conversations": "sft", "sharegpt": "sft", "text": "sft",
+         "preference": "pairs", "openai_dpo": "pairs", "kto": "labelled"}
 
 # What each format looks like, for "unknown format" messages.
 ACCEPTED = {
     "alpaca": '{"instruction", "input"?, "output", "system"?}',
     "qa": '{"question", "answer", "context"?}',
-    "conversations": '{"messages" or "conversations": [{"role", "content"}]}',
-    "sharegpt": '{"conversations": [{"from", "value"}]}',
+    "conversations": '{"messages" or "conversations": [{"role", "content"}], "tools"?}',
+    "sharegpt": '{"conversations": [{"from", "value"}], "tools"?}',
     "text": '{"text"}',
+    "preference": '{"prompt" or "messages" or "conversations", "chosen", "rejected"}',
+    "openai_dpo": '{"input": {"messages"}, "preferred_output", "non_preferred_output"}',
+    "kto": '{"messages" or "prompt"+"completion", "label": true|false}',
 }
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-# ShareGPT exports also use plain role names now and then; accept them as aliases.
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
-                  "user": "user", "assistant": "assistant"}
+# Keys that change what a record means; a format that does not use one refuses it, never drops it.
+MEANINGFUL = ("label", "chosen", "rejected", "weight", "loss_weight", "tools", "system")
 
 # What to tell the user about each string field, and common names for them in other tools.
 _FIELD_FIX = {
@@ -42,36 +48,43 @@ Fail = Callable[..., DatasetError]
 
 @dataclass
 class Example:
-    """One training example: chat messages, or raw text for the "text" format."""
+    """One record, normalised. SFT: `messages` (or `text`); pairs: the prompt in `messages`,
+    the replies in `chosen` / `rejected`; labelled (KTO): the prompt in `messages`, the reply
+    in `completion`, `label` True when it is desirable."""
 
-    messages: list[dict[str, str]] | None = None
-    """[{"role": "system"|"user"|"assistant", "content": str}], system only first."""
+    messages: list[dict] | None = None
+    """[{"role": "system"|"user"|"assistant"|"tool", "content": str, "tool_calls"?}]."""
     text: str | None = None
     """Raw text, trained on whole (the "text" format only)."""
-
-
-def _chat_style(items: Any) -> str | None:
-    """"sharegpt" or "conversations" by the keys of the turns; None with no evidence."""
-    if isinstance(items, list):
-        for item in items:
-            if isinstance(item, dict):
-                if "role" in item or "content" in item:
-                    return "conversations"
-                if "from" in item or "value" in item:
-                    return "sharegpt"
-    return None
+    tools: list[dict] | None = None
+    """Function schemas the chat template renders ({"type": "function", "function": {...}})."""
+    weights: list[float | None] | None = None
+    """Per message: 0 masks an assistant turn out of the loss; None or 1 is the default."""
+    chosen: list[dict] | None = None
+    rejected: list[dict] | None = None
+    completion: list[dict] | None = None
+    label: bool | None = None
+    where: str | None = field(default=None, compare=False)
+    """"file, line N": for errors found later (tokenising)."""
 
 
 def detect_format(record: dict, chat_default: str = "conversations") -> str | None:
     """The format a record is written in, or None when its keys match none.
 
-    Extra keys (ids, categories) are ignored. A "conversations" list whose turns show
-    neither role/content nor from/value (e.g. empty) gets `chat_default`, so one bad
-    record in a ShareGPT file is reported as bad, not as a second format.
+    Keys that make a record preference data win over the chat keys, so chosen/rejected or a
+    label is never dropped. Other extra keys (ids, categories) are ignored. A "conversations"
+    list whose turns show neither role/content nor from/value (e.g. empty) gets
+    `chat_default`, so one bad record in a ShareGPT file is reported as bad, not as a second format.
     """
+    if "preferred_output" in record or "non_preferred_output" in record:
+        return "openai_dpo"
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    if "label" in record:
+        return "kto"
     for key in ("messages", "conversations"):
         if key in record:
-            return _chat_style(record[key]) or chat_default
+            return chat_style(record[key]) or chat_default
     if "instruction" in record:
         return "alpaca"
     if "question" in record:
@@ -93,7 +106,7 @@ def unknown_format_error(record: dict, path: str, location: str | None) -> Datas
                         f"Accepted formats: {accepted}", fix, location)
 
 
-def _string(record: dict, key: str, fail: Fail, required: bool = True) -> str | None:
+def string_field(record: dict, key: str, fail: Fail, required: bool = True) -> str | None:
     """The string value of `key`; optional fields may be missing or null."""
     value = record.get(key)
     if value is None and (key not in record or not required):
@@ -108,69 +121,67 @@ def _string(record: dict, key: str, fail: Fail, required: bool = True) -> str | 
     return value
 
 
-def _alpaca(record: dict, fail: Fail) -> Example:
-    instruction = _string(record, "instruction", fail)
-    extra = _string(record, "input", fail, required=False)
-    output = _string(record, "output", fail)
-    system = _string(record, "system", fail, required=False)
+def refuse_unused(record: dict, used: tuple[str, ...], fmt: str, fail: Fail) -> None:
+    """A key that changes meaning but that `fmt` has no place for is an error, not ignored."""
+    for key in MEANINGFUL:
+        if key in record and key not in used:
+            raise fail(f"field '{key}' has no meaning in the {fmt} format ({ACCEPTED[fmt]}), and "
+                       "ignoring it would train something else than the record says",
+                       f"remove '{key}', or write the record in a format that uses it "
+                       "(tools and weights: the messages format; chosen/rejected: preference; "
+                       "label: kto)", key)
+
+
+def alpaca_prompt(record: dict, fail: Fail) -> list[dict]:
+    """The system and user messages of an alpaca record (instruction, input, system)."""
+    instruction = string_field(record, "instruction", fail)
+    extra = string_field(record, "input", fail, required=False)
+    system = string_field(record, "system", fail, required=False)
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    return Example(messages=messages)
+    return messages + [{"role": "user", "content": user}]
+
+
+def _alpaca(record: dict, fail: Fail) -> Example:
+    refuse_unused(record, ("system",), "alpaca", fail)
+    messages = alpaca_prompt(record, fail)
+    output = string_field(record, "output", fail)
+    return Example(messages=messages + [{"role": "assistant", "content": output}])
 
 
 def _qa(record: dict, fail: Fail) -> Example:
-    question = _string(record, "question", fail)
-    answer = _string(record, "answer", fail)
-    context = _string(record, "context", fail, required=False)
+    refuse_unused(record, (), "qa", fail)
+    question = string_field(record, "question", fail)
+    answer = string_field(record, "answer", fail)
+    context = string_field(record, "context", fail, required=False)
     user = f"Context:\n{context}\n\nQuestion: {question}" if context and context.strip() else question
     return Example(messages=[{"role": "user", "content": user},
                              {"role": "assistant", "content": answer}])
 
 
 def _chat(record: dict, fail: Fail, sharegpt: bool) -> Example:
+    fmt = "sharegpt" if sharegpt else "conversations"
+    refuse_unused(record, ("tools", "system"), fmt, fail)
     key = "messages" if "messages" in record else "conversations"
-    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-    roles = SHAREGPT_ROLES if sharegpt else ROLES
-    names = "'human', 'gpt', 'system'" if sharegpt else "'system', 'user', 'assistant'"
-    shape = f'{{"{role_key}": ..., "{content_key}": "..."}}'
-    items = record[key]
-    if not isinstance(items, list):
-        raise fail(f"field '{key}' must be a list of turns, got {json_type(items)}",
-                   f"make '{key}' a list of turns like [{shape}, ...]", key)
-    messages: list[dict[str, str]] = []
-    for i, item in enumerate(items):
-        at = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise fail(f"{at} must be an object, got {json_type(item)}",
-                       f"write each turn as {shape}", at)
-        role = item.get(role_key)
-        mapped = roles.get(role.strip().lower()) if isinstance(role, str) else None
-        if mapped is None:
-            found = "missing" if role_key not in item else f"{role!r}"
-            raise fail(f"{at}.{role_key} is {found}; allowed roles: {names}",
-                       f"set '{role_key}' to one of {names}", f"{at}.{role_key}")
-        content = item.get(content_key)
-        if not isinstance(content, str):
-            found = "missing" if content_key not in item else f"{json_type(content)}, not a string"
-            raise fail(f"{at}.{content_key} is {found}",
-                       f"put the turn's text in '{content_key}' as a string",
-                       f"{at}.{content_key}")
-        if mapped == "system" and i > 0:
-            raise fail(f"{at}.{role_key} is {role!r}, but only the first turn may be a system turn",
-                       "move the system turn to the start, or merge it into the first one",
-                       f"{at}.{role_key}")
-        messages.append({"role": mapped, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        what = "is empty" if not messages else "has no assistant turn with text"
+    messages, weights = parse_turns(record[key], fail, key, sharegpt)
+    messages = with_system(messages, record.get("system"), fail)
+    if len(weights) < len(messages):
+        weights = [None] + weights
+    learned = [m for m, w in zip(messages, weights) if is_learned(m) and w != 0]
+    if not learned:
+        what = ("is empty" if not messages else "has no assistant turn with text" if
+                not any(is_learned(m) for m in messages) else "has weight 0 on every assistant turn")
         raise fail(f"field '{key}' {what}",
-                   "add at least one assistant turn with non-empty text: that is what "
-                   "the model learns to say", key)
-    return Example(messages=messages)
+                   "add at least one assistant turn with non-empty text (and weight 1): that is "
+                   "what the model learns to say", key)
+    tools = parse_tools(record.get("tools"), fail)
+    return Example(messages=messages, tools=tools,
+                   weights=weights if any(w is not None for w in weights) else None)
 
 
 def _text(record: dict, fail: Fail) -> Example:
-    return Example(text=_string(record, "text", fail))
+    refuse_unused(record, (), "text", fail)
+    return Example(text=string_field(record, "text", fail))
 
 
 def to_example(record: dict, fmt: str, *, path: str = "<data>",
@@ -179,16 +190,17 @@ def to_example(record: dict, fmt: str, *, path: str = "<data>",
 
     Raises DatasetError naming `path`, `location` (e.g. "line 3") and the field.
     """
+    from sage_ray.data.preference import kto_example, openai_dpo_example, pair_example
 
     def fail(problem: str, fix: str, field: str | None = None) -> DatasetError:
         return DatasetError(path, problem, fix, location, field)
 
-    if fmt == "alpaca":
-        return _alpaca(record, fail)
-    if fmt == "qa":
-        return _qa(record, fail)
-    if fmt in ("conversations", "sharegpt"):
-        return _chat(record, fail, sharegpt=fmt == "sharegpt")
-    if fmt == "text":
-        return _text(record, fail)
-    raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+    parsers = {"alpaca": _alpaca, "qa": _qa, "text": _text, "preference": pair_example,
+               "openai_dpo": openai_dpo_example, "kto": kto_example,
+               "conversations": lambda r, f: _chat(r, f, sharegpt=False),
+               "sharegpt": lambda r, f: _chat(r, f, sharegpt=True)}
+    if fmt not in parsers:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+    example = parsers[fmt](record, fail)
+    example.where = f"{path}, {location}" if location else path
+    return example

@@ -11,7 +11,7 @@ from typing import Any
 
 from sage_ray import env
 from sage_ray.data.errors import DatasetError, json_type
-from sage_ray.data.formats import Example, detect_format, to_example, unknown_format_error
+from sage_ray.data.formats import KINDS, Example, detect_format, to_example, unknown_format_error
 
 MAX_DATASET_BYTES = 512 * 1024 * 1024
 MAX_DATASET_ENV = "SAGE_MAX_DATASET_MB"
@@ -35,6 +35,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def kind(self) -> str:
+        """What the records train: "sft", "pairs" (chosen/rejected) or "labelled" (KTO)."""
+        return KINDS[self.format]
 
     def summary(self) -> dict[str, Any]:
         """What finetune_meta.json records about the dataset."""
@@ -69,8 +74,9 @@ def _check_size(name: str, size: int, limit: int) -> None:
             f"{MAX_DATASET_ENV}={need} (megabytes)")
 
 
-def load_dataset(path: str | Path, *, max_bytes: int | None = None) -> Dataset:
-    """Read, validate and normalise the dataset at `path`; raises DatasetError."""
+def load_dataset(path: str | Path, *, method: str | None = "sft", max_bytes: int | None = None) -> Dataset:
+    """Read, validate and normalise the dataset at `path` for training `method` (sft, dpo,
+    orpo, kto; None accepts any); raises DatasetError."""
     name = str(path)
     limit = max_dataset_bytes(max_bytes)
     try:
@@ -83,17 +89,50 @@ def load_dataset(path: str | Path, *, max_bytes: int | None = None) -> Dataset:
         raise DatasetError(name, "this is a folder, not a file",
                            "give the path of a .json or .jsonl file")
     _check_size(name, size, limit)
-    return parse_dataset_bytes(Path(path).read_bytes(), name, max_bytes=limit)
+    return parse_dataset_bytes(Path(path).read_bytes(), name, method=method, max_bytes=limit)
 
 
-def parse_dataset_bytes(data: bytes, name: str, *, max_bytes: int | None = None) -> Dataset:
+def parse_dataset_bytes(data: bytes, name: str, *, method: str | None = "sft",
+                        max_bytes: int | None = None) -> Dataset:
     """Validate and normalise a dataset held in memory (an upload); `name` is used in
-    messages and as the dataset's path. Raises DatasetError."""
+    messages and as the dataset's path. `method` as for load_dataset. Raises DatasetError."""
     _check_size(name, len(data), max_dataset_bytes(max_bytes))
     records = _parse(_decode(data, name), name)
     fmt = _single_format(records, name)
+    if method is not None:
+        check_method(name, fmt, method, records[0][0])
     examples = [to_example(rec, fmt, path=name, location=loc) for loc, rec in records]
+    if method == "orpo":  # TRL's ORPO renders no per-record tools: they would be dropped silently
+        for (loc, _), example in zip(records, examples):
+            if example.tools:
+                raise DatasetError(name, "the record has tools, which method 'orpo' cannot render",
+                                   "use --method dpo or kto for records with tools", loc, "tools")
     return Dataset(Path(name), fmt, examples, hashlib.sha256(data).hexdigest())
+
+
+# The kinds of data each training method takes (KTO also takes pairs: chosen is desirable,
+# rejected undesirable, as TRL's unpair_preference_dataset does).
+METHOD_KINDS = {"sft": ("sft",), "dpo": ("pairs",), "orpo": ("pairs",), "kto": ("labelled", "pairs")}
+_KIND_TEXT = {
+    "sft": ("supervised examples (one reply per prompt, no chosen/rejected or label)",
+            "use --method sft (method: sft), or give preference data"),
+    "pairs": ("preference data (chosen/rejected pairs)", "use --method dpo (or orpo, or kto)"),
+    "labelled": ("KTO data (replies with a true/false 'label')", "use --method kto"),
+}
+
+
+def check_method(name: str, fmt: str, method: str, location: str) -> None:
+    """Refuse data that `method` would train on wrongly (KTO data as SFT, SFT data as DPO)."""
+    if method not in METHOD_KINDS:
+        raise ValueError(f"unknown training method {method!r}; expected one of {tuple(METHOD_KINDS)}")
+    kind = KINDS[fmt]
+    if kind in METHOD_KINDS[method]:
+        return
+    what, fix = _KIND_TEXT[kind]
+    needs = " or ".join(_KIND_TEXT[k][0] for k in METHOD_KINDS[method])
+    harm = "; as SFT, the replies labelled false would be learned too" if kind == "labelled" else ""
+    raise DatasetError(name, f"this looks like {what} (format {fmt}), but method {method!r} "
+                       f"trains on {needs}{harm}", fix, location, "method")
 
 
 def _decode(data: bytes, name: str) -> str:

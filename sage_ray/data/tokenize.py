@@ -85,25 +85,42 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
     return texts
 
 
-def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
+           add_generation_prompt: bool = False) -> str:
     """The chat template's text, as serving renders it."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full training text and the character spans of each assistant reply.
+def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None, where: str | None) -> None:
+    """Refuse a record whose tools or tool calls the chat template leaves out: training on
+    it would teach replies to tools the model never sees."""
+    names = [t["function"]["name"] for t in tools or []]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    missing = [name for name in names if name not in text]
+    if missing:
+        raise ChatTemplateError(
+            f"{where or 'a record'}: the model's chat template does not render tools or tool calls "
+            f"({', '.join(repr(n) for n in dict.fromkeys(missing))} missing from the text); use a base "
+            "model whose template supports tools (e.g. Qwen2.5), or remove the tools from the data")
+
+
+def assistant_spans(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
+                    weights: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The full training text and the character spans of each learned assistant reply
+    (those with a weight of 0 are left out).
 
     A span starts after the generation prompt and ends after the end-of-turn token, which is
     found by rendering the conversation up to each assistant turn.
     """
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, tools=tools)
     stops = end_of_turn_tokens(tokenizer)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (weights and weights[i] == 0):
             continue
-        prompt = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1])
+        prompt = render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1], tools=tools)
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise ChatTemplateError(
                 "the model's chat template renders earlier turns differently once later turns are added, "
@@ -125,7 +142,8 @@ def tokenize_example(tokenizer, example: Example, *, max_length: int, train_on_p
         ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         labels = list(ids)
     else:
-        text, spans = assistant_spans(tokenizer, example.messages)
+        text, spans = assistant_spans(tokenizer, example.messages, tools=example.tools, weights=example.weights)
+        check_tools_rendered(text, example.messages, example.tools, example.where)
         if spans and spans[-1][1] == len(text) and not any(text.endswith(s) for s in end_of_turn_tokens(tokenizer)):
             text += tokenizer.eos_token  # the template does not close the reply: add the stop token
             spans[-1] = (spans[-1][0], len(text))
@@ -161,3 +179,28 @@ def tokenize_examples(
         stats.max_tokens = max(stats.max_tokens, len(item.input_ids))
         stats.lengths.append(len(item.input_ids))
     return kept, stats
+
+
+def _continuation(tokenizer, prompt: list[dict], reply: list[dict], tools, prompt_text: str) -> str:
+    """The text a reply adds after the rendered prompt (its end-of-turn token included)."""
+    full = render(tokenizer, prompt + reply, tools=tools)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else full
+
+
+def preview_example(tokenizer, example: Example) -> dict[str, Any]:
+    """One record as the model will see it: the rendered conversation (SFT), or the rendered
+    prompt and each reply after it (chosen / rejected, or KTO's completion and label)."""
+    if example.messages is None:
+        return {"messages": None, "text": example.text, "rendered": example.text}
+    replies = {"chosen": example.chosen, "rejected": example.rejected, "completion": example.completion}
+    if not any(replies.values()):
+        return {"messages": example.messages, "text": None,
+                "rendered": render(tokenizer, example.messages, tools=example.tools)}
+    prompt = render(tokenizer, example.messages, tools=example.tools, add_generation_prompt=True)
+    out: dict[str, Any] = {"messages": example.messages, "text": None, "prompt": prompt}
+    for key, reply in replies.items():
+        if reply:
+            out[key] = _continuation(tokenizer, example.messages, reply, example.tools, prompt)
+    if example.label is not None:
+        out["label"] = example.label
+    return out

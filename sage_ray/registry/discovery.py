@@ -24,12 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from sage_ray.artifacts import ADAPTER_CONFIG, LORA_DIR, MERGED_DIR, META, MODEL_CONFIG, is_adapter, is_model  # noqa: F401
 from sage_ray.registry.store import ArtifactRecord
 
 log = logging.getLogger(__name__)
 
-META = "finetune_meta.json"
-ADAPTER_CONFIG = "adapter_config.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -57,10 +56,10 @@ def describe_task(task_dir: Path) -> list[ArtifactRecord]:
     meta = json.loads((task_dir / META).read_text(encoding="utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"{META} is not a JSON object")
-    merged = _model_dir(task_dir / "merged_model", meta.get("merged_path"), "config.json")
-    adapter = _model_dir(task_dir / "lora", meta.get("lora_path"), ADAPTER_CONFIG)
+    merged = _model_dir(task_dir / MERGED_DIR, meta.get("merged_path"), MODEL_CONFIG)
+    adapter = _model_dir(task_dir / LORA_DIR, meta.get("lora_path"), ADAPTER_CONFIG)
     # trained on another node with SAGE_STORAGE: the models are registered by their shared copy
-    merged = merged or (task_dir / "merged_model" if meta.get("merged_uri") else None)
+    merged = merged or (task_dir / MERGED_DIR if meta.get("merged_uri") else None)
     adapter = adapter or (task_dir / "lora" if meta.get("lora_uri") else None)
     if merged is None and adapter is None:
         raise ValueError(f"{META} is there but neither lora/ (with {ADAPTER_CONFIG}) nor merged_model/ "
@@ -82,8 +81,8 @@ def describe_task(task_dir: Path) -> list[ArtifactRecord]:
 
 def describe_legacy(folder: Path) -> list[ArtifactRecord]:
     """The merged model and/or adapter of an older SAGE `finetune_output/<name>/` folder."""
-    merged = folder / "merged_model" if (folder / "merged_model" / "config.json").is_file() else None
-    adapter = (folder / "lora_weights" if (folder / "lora_weights" / ADAPTER_CONFIG).is_file()
+    merged = folder / MERGED_DIR if is_model(folder / MERGED_DIR) else None
+    adapter = (folder / "lora_weights" if is_adapter(folder / "lora_weights")
                else newest_checkpoint(folder / "checkpoints"))
     if merged is None and adapter is None:
         raise ValueError("no merged_model/, lora_weights/ or checkpoints/checkpoint-N/ with a model in it")
@@ -100,10 +99,10 @@ def describe_legacy(folder: Path) -> list[ArtifactRecord]:
 
 def describe_base(folder: Path) -> list[ArtifactRecord]:
     """A base model folder kept under `models/`."""
-    if not (folder / "config.json").is_file():
+    if not is_model(folder):
         raise ValueError("no config.json: not a model folder")
     return [{"name": folder.name, "kind": "base", "path": str(folder), "base_model": None, "task_id": None,
-             "created_at": _mtime(folder / "config.json"), "size_bytes": folder_size(folder),
+             "created_at": _mtime(folder / MODEL_CONFIG), "size_bytes": folder_size(folder),
              "chat_template": "model" if has_chat_template(folder) else None}]
 
 
@@ -115,7 +114,7 @@ def newest_checkpoint(checkpoints: Path) -> Path | None:
         if match:
             numbered.append((int(match[1]), child))
     for _n, child in sorted(numbered, reverse=True):
-        if (child / ADAPTER_CONFIG).is_file():
+        if is_adapter(child):
             return child
         log.warning("registry discovery: skipping %s: no %s (an interrupted save?)", child, ADAPTER_CONFIG)
     return None

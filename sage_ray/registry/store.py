@@ -19,9 +19,11 @@ from typing import Any, Collection, Iterator, Literal, TypedDict
 
 from sage_ray.errors import (AlreadyExistsError, InUseError, NotFoundError,  # noqa: F401 (re-exported)
                              RegistryError, RegistryValueError)
+from sage_ray.models import BUILTIN, DEMO_NAME, TINY_NAME
 from sage_ray.registry.status import RUNNING, STATUSES, TERMINAL, JobStatus  # noqa: F401 (re-exported)
 
 KINDS = ("base", "lora", "merged")
+RESERVED_NAMES = frozenset({*BUILTIN, TINY_NAME, DEMO_NAME})  # what `model: demo` / `tiny` must always mean
 ACTIVE_MODEL_KEY = "active_model"
 SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
@@ -53,7 +55,7 @@ class JobRecord(TypedDict, total=False):
     step: int | None
     total_steps: int | None
     loss: float | None
-    loss_history: list[list[float]]  # [[step, loss], ...], steps increasing
+    loss_history: list[list]  # [[step, loss] or [step, loss, {metric: value}], ...], steps increasing
     tokens_per_s: float | None
     eta_s: float | None
     error: str | None
@@ -228,12 +230,20 @@ class RegistryStore:
     def create_job(self, task_id: str, *, config: dict[str, Any] | None = None, ray_job_id: str | None = None,
                    status: str = JobStatus.QUEUED, status_detail: str | None = None,
                    log_path: str | None = None) -> JobRecord:
-        """Record a new job; refused when the task id is taken."""
+        """Record a new job; refused when the task id is taken, by a job, a built-in model's name
+        or another model's registry name: the task's models are registered under its id, and
+        must never replace what a client asking for that name expects."""
         _check_choice(status, STATUSES, "status")
+        if task_id in RESERVED_NAMES:
+            raise AlreadyExistsError(f"{task_id!r} is the name of a built-in model; pick another --name")
         row = {"task_id": task_id, "ray_job_id": ray_job_id, "config": config, "status": status,
                "status_detail": status_detail, "log_path": log_path, "created_at": now_iso(),
                "queued_at": now_precise() if status == JobStatus.QUEUED else None}
         with self._write() as conn:
+            owner = conn.execute("SELECT task_id, kind FROM artifacts WHERE name = ?", (task_id,)).fetchone()
+            if owner is not None and owner["task_id"] != task_id:
+                raise AlreadyExistsError(f"{task_id!r} is the registry name of a {owner['kind']} model already; "
+                                         "pick another --name (sage llm model show lists the names)")
             try:
                 conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                              [_encode(k, v) for k, v in row.items()])
@@ -278,16 +288,18 @@ class RegistryStore:
         if values.get("progress") is not None:
             values["progress"] = min(100.0, max(0.0, float(values["progress"])))
         loss = event.get("loss")
+        # a preference run's metrics (reward accuracy, margins) ride along: [step, loss, {name: value}]
+        point = json.dumps([step, loss] + ([event["metrics"]] if event.get("metrics") else []))
         # SET expressions all read the row as it was, so status and status_detail agree
         sql = (f"UPDATE jobs SET step = ?{''.join(f', {k} = ?' for k in values)}, "
                "loss_history = CASE WHEN ? IS NULL THEN loss_history "
-               "ELSE json_insert(loss_history, '$[#]', json_array(?, ?)) END, "
+               "ELSE json_insert(loss_history, '$[#]', json(?)) END, "
                "status_detail = CASE WHEN status IN ('queued', 'preparing') THEN NULL ELSE status_detail END, "
                "status = CASE WHEN status IN ('queued', 'preparing') THEN 'training' ELSE status END, "
                f"started_at = COALESCE(started_at, ?) "
                f"WHERE task_id = ? AND {_NOT_TERMINAL} AND (step IS NULL OR step < ?)")
         with self._write() as conn:
-            if conn.execute(sql, [step, *values.values(), loss, step, loss, now_iso(), task_id, step]).rowcount:
+            if conn.execute(sql, [step, *values.values(), loss, point, now_iso(), task_id, step]).rowcount:
                 return True
             if self._one(conn, "jobs", "task_id", task_id) is None:
                 raise NotFoundError(f"no job with task id {task_id!r} to report progress to; create_job first")

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from sage_ray.serve.settings import INGRESS_DEPLOYMENT, StudioSettings
@@ -33,6 +34,12 @@ def _unwrap(err: BaseException) -> BaseException:
     return _unwrap(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
+def _problem(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":  # an OpenAI field (or a typo) this server does not implement
+        return "not supported by this server (the README's OpenAI API table lists what is); leave it out"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     from sage_ray.errors import SageError
     from sage_ray.serve.service import ServiceError
@@ -41,11 +48,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, err: ServiceError):
         return _error(err.status, str(err), err.detail())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException):  # 404 route, 405, 413 from the guard
+        return _error(err.status_code, str(err.detail))
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in err.errors())
-        return _error(400, f"bad request: {problems}")
+        errors = err.errors()
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+        problems = "; ".join(f"{field}: {_problem(e)}" for field, e in zip(fields, errors))
+        return _error(400, f"bad request: {problems}", {"param": fields[0] if fields else None})
 
     @app.exception_handler(Exception)
     async def wrapped(_: Request, err: Exception):
@@ -58,7 +70,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def install_auth(app: FastAPI, settings: StudioSettings) -> None:
     """With an API key set, /v1 and /api need `Authorization: Bearer <key>` (the UI has its own login)."""
-    if not settings.api_key_sha256:
+    if not settings.api_key_hash:
         return
 
     @app.middleware("http")
@@ -72,24 +84,32 @@ def install_auth(app: FastAPI, settings: StudioSettings) -> None:
 
 
 def build_asgi_app(service) -> FastAPI:
+    from sage_ray.serve.guard import RequestGuard
     from sage_ray.serve.openai_api import build_openai_router
+    from sage_ray.serve.openai_files import build_files_router
+    from sage_ray.serve.openai_finetune import build_finetune_router
     from sage_ray.serve.studio_api import build_studio_router
 
+    settings = service.settings
     app = FastAPI(title="sage-ray Studio", description="Fine-tune, serve and chat: the Studio's API.")
     install_error_handlers(app)
-    install_auth(app, service.settings)
+    install_auth(app, settings)
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts,  # outermost: before auth
+                       max_body_bytes=int(settings.max_body_mb * 2**20),
+                       max_upload_bytes=int(settings.max_upload_mb * 2**20))
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
         return {"status": "ok"}
 
     app.include_router(build_openai_router(service))
+    app.include_router(build_files_router(service))
+    app.include_router(build_finetune_router(service))
     app.include_router(build_studio_router(service))
     if service.settings.ui:  # last: a mount at "/" takes every path not matched above
         from sage_ray.ui.app import mount_ui
 
-        settings = service.settings
-        auth = (lambda _user, password: settings.check_key(password)) if settings.api_key_sha256 else None
+        auth = (lambda _user, password: settings.check_key(password)) if settings.api_key_hash else None
         app = mount_ui(app, service, "/", auth=auth)
     return app
 

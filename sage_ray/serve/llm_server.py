@@ -40,13 +40,28 @@ from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
 
 log = logging.getLogger("ray.serve")
 DECLARE_WAIT_S = 5.0
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "json_schema", "tools")
 
 
 class ModelUnavailableError(SageError, RuntimeError):
     """No model can answer: none loaded yet, or the requested one failed to load."""
 
     http_status = 503
+
+
+class PromptTooLongError(SageError, ValueError):
+    """A prompt over the Studio's max_prompt_chars, refused before it is tokenized."""
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """The text a chat sends: string contents and the text of content parts."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [content]
+        total += sum(len(p if isinstance(p, str) else str((p or {}).get("text") or "")) for p in parts)
+    return total
 
 
 class GpuLentError(ModelUnavailableError):
@@ -235,23 +250,29 @@ class LLMServer:
         spec = await asyncio.to_thread(self.registry.spec, model)
         return await self._engine_for(spec), spec
 
+    def _check_prompt(self, request: dict[str, Any]) -> None:
+        # here, not in the engine: tokenizing a megabyte in the generation thread stalls every chat
+        chars = prompt_chars(request["messages"])
+        if chars > self.settings.max_prompt_chars:
+            raise PromptTooLongError(f"the prompt is {chars} characters, over this Studio's limit of "
+                                     f"{self.settings.max_prompt_chars} (max_prompt_chars): shorten the conversation")
+
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one reply: dicts with text, finish_reason and token counts, first one names the model."""
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
+        stream = _reply(engine, spec, request)
         yield {"model": spec.name, "text": "", "finish_reason": None}
-        async for delta in engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                       params=params):
+        async for delta in stream:
             yield asdict(delta)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         """One whole reply in one response: no per-token messages for a caller that does not stream."""
         from sage_ray.serve.engines.base import complete
 
+        self._check_prompt(request)
         engine, spec = await self._target(request.get("model"))
-        params = SamplingParams(**{k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None})
-        delta = await complete(engine.chat(request["messages"], adapter=spec.name if spec.kind == "lora" else None,
-                                           params=params))
+        delta = await complete(_reply(engine, spec, request))
         return {"model": spec.name, **asdict(delta)}
 
     async def status(self) -> dict[str, Any]:
@@ -314,6 +335,18 @@ class LLMServer:
         engine = self.engines.get(self.active.full_model_path) if self.active is not None else None
         if engine is not None and not self.loans.silences(engine):
             await engine.check_health()
+
+
+def _reply(engine: Engine, spec: ModelSpec, request: dict[str, Any]) -> AsyncIterator:
+    """The engine's stream for a chat request, or for a raw `prompt` (/v1/completions)."""
+    from sage_ray.serve.engines.base import check_supported
+
+    values = {k: request[k] for k in SAMPLING_FIELDS if request.get(k) is not None}
+    check_supported(engine, values, raw_prompt="prompt" in request)
+    params, adapter = SamplingParams(**values), spec.name if spec.kind == "lora" else None
+    if "prompt" in request:
+        return engine.generate(request["prompt"], adapter=adapter, params=params)
+    return engine.chat(request["messages"], adapter=adapter, params=params)
 
 
 def _runtime():

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from sage_ray.errors import SageError
 from sage_ray.serve import deploy
 from sage_ray.serve.model_registry import ServingRegistry
-from sage_ray.serve.resolve import spec_of, within_roots
+from sage_ray.serve.resolve import ModelRefError, spec_of, within_roots
 from sage_ray.serve.settings import StudioSettings
 
 DATASET_SUFFIXES = (".json", ".jsonl")
@@ -107,7 +107,7 @@ class StudioService:
         it answers. A model that fails to load leaves the old one serving: 422 with the error."""
         try:
             artifact = self.registry.artifact(ref)
-            spec_of(artifact, fetch=False)  # its folder (an adapter's base too) or its shared copy is there
+            spec_of(artifact, fetch=False, roots=self.settings.roots())  # its folder (an adapter's base too) or its shared copy is there
         except Exception as err:
             raise user_error(err) from None
         name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
@@ -167,7 +167,7 @@ class StudioService:
             raise ServiceError(413, f"dataset {name}: {len(content) / 2**20:.1f} MB is over the "
                                     f"{self.settings.max_upload_mb:g} MB upload limit; split it or raise max_upload_mb")
         try:
-            dataset = parse_dataset_bytes(content, name)
+            dataset = parse_dataset_bytes(content, name, method=None)  # the job checks it against its method
         except Exception as err:
             raise user_error(err) from None
         folder = Path(self.settings.sage_home) / "datasets"
@@ -176,18 +176,14 @@ class StudioService:
         path = folder / f"{stem}_{hashlib.sha256(content).hexdigest()[:8]}.{suffix}"
         path.write_bytes(content)
         return {"path": str(path), "filename": name, "records": len(dataset), "format": dataset.format,
-                "formats": {dataset.format: len(dataset)}, "sha256": dataset.sha256,
+                "kind": dataset.kind, "formats": {dataset.format: len(dataset)}, "sha256": dataset.sha256,
                 "preview": self._preview(dataset.examples[:PREVIEW_RECORDS])}
 
     def _preview(self, examples) -> list[dict[str, Any]]:
-        from sage_ray.data.tokenize import render
+        from sage_ray.data.tokenize import preview_example
 
         tokenizer = self._tokenizer()
-        out = []
-        for example in examples:
-            rendered = example.text if example.messages is None else render(tokenizer, example.messages)
-            out.append({"messages": example.messages, "text": example.text, "rendered": rendered})
-        return out
+        return [preview_example(tokenizer, example) for example in examples]
 
     def _tokenizer(self):
         """The served base model's tokenizer (its chat template is what training will apply)."""
@@ -209,7 +205,28 @@ class StudioService:
         if cfg.data and not within_roots(Path(cfg.data).expanduser(), self.settings.roots()):
             raise ServiceError(403, f"dataset {cfg.data!r} is outside the Studio's folders; "
                                     "upload it with POST /api/finetune/upload-dataset")
-        return cfg
+        return cfg.model_copy(update={"model": self._base_to_train(cfg.model)})
+
+    def _base_to_train(self, ref: str) -> str:
+        """The one rule for a model named in a request: a registry name, a task id, a built-in
+        model or a folder inside the allowed roots. A Hub id is refused (one request must not
+        make the ingress download a repository); a fine-tune trains on its merged model."""
+        from sage_ray.models import BUILTIN
+
+        if ref in BUILTIN:
+            return ref
+        try:
+            artifact = self.registry.artifact(ref)
+        except ModelRefError as err:
+            if "/" in ref and not ref.startswith(("/", "~", ".")):  # owner/name: a Hub id
+                raise ServiceError(403, f"field 'model': {ref!r} is not a model the Studio has; it does not download "
+                                        "from the Hugging Face Hub. Fetch it on the head with `sage finetune start "
+                                        f"--model {ref} ...`, or put its folder under SAGE_HOME/models") from None
+            raise user_error(err) from None
+        if artifact["kind"] == "lora":
+            raise ServiceError(400, f"field 'model': {ref!r} is a LoRA adapter; fine-tune its base, or merge it "
+                                    "first (POST /api/finetune/tasks/{task_id}/merge) and fine-tune the merged model")
+        return artifact["path"]
 
     def plan_job(self, request: dict[str, Any]) -> dict[str, Any]:
         """The effective config (preset applied) and the memory estimate, before anything starts."""

@@ -27,6 +27,34 @@ DEFAULT_MODEL = "demo"
 DEFAULT_GPU_MEMORY = 0.85
 
 
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # ~50 ms and 16 MiB per guess: the stored hash resists brute force
+_verified: dict[tuple[str, str], bool] = {}  # (stored hash, SHA-256 of a token) -> True, this process only
+
+
+def hash_key(key: str, salt: bytes | None = None, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A salted scrypt hash of `key`, as `scrypt$n$r$p$salt$hash` (hex)."""
+    salt = salt if salt is not None else os.urandom(16)
+    digest = hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+def verify_key(token: str, stored: str) -> bool:
+    """`token` against a hash_key() value, in constant time. A key already verified in this process
+    is remembered by its SHA-256 (in memory only), so only the first request of a client pays scrypt."""
+    seen = (stored, hashlib.sha256(token.encode()).hexdigest())
+    if seen in _verified:
+        return True
+    try:
+        scheme, n, r, p, salt, _digest = stored.split("$")
+        expected = hash_key(token, bytes.fromhex(salt), int(n), int(r), int(p))
+    except ValueError:  # not a hash this version wrote: no token matches it
+        return False
+    ok = scheme == "scrypt" and hmac.compare_digest(expected, stored)
+    if ok and len(_verified) < 256:
+        _verified[seen] = True
+    return ok
+
+
 class StudioSettings(BaseModel):
     """Everything the Studio's two deployments need to know at start."""
 
@@ -50,27 +78,31 @@ class StudioSettings(BaseModel):
     llm_num_gpus: float = Field(0, ge=0, description="GPUs for the LLM replica (1 for vLLM on a GPU node).")
     llm_replicas: int = Field(1, ge=1, description="LLM replicas; a switch reconfigures each in place.")
     api_key: str | None = Field(None, description="When set, every request needs `Authorization: Bearer <key>` "
-                                                  "(SAGE_STUDIO_API_KEY). Kept only as its SHA-256: the "
-                                                  "Serve config, readable on the dashboard, never holds it.")
-    api_key_sha256: str | None = Field(None, description="SHA-256 (hex) of the API key; set from api_key.")
+                                                  "(SAGE_STUDIO_API_KEY). Kept only as a salted scrypt hash: "
+                                                  "the Serve config, readable on the dashboard, never holds it.")
+    api_key_hash: str | None = Field(None, description="scrypt$n$r$p$salt$hash of the API key; set from api_key.")
     allowed_roots: list[str] = Field(default_factory=list,
                                      description="Folders besides SAGE_HOME from which models may be served "
                                                  "by path (SAGE_STUDIO_ALLOWED_ROOTS, ':'-separated).")
-    max_upload_mb: float = Field(50, gt=0, description="Largest dataset upload accepted.")
+    max_upload_mb: float = Field(50, gt=0, description="Largest dataset upload accepted (counted as it streams).")
+    max_body_mb: float = Field(4, gt=0, description="Largest body of any other request (JSON routes, chat).")
+    max_prompt_chars: int = Field(200_000, gt=0, description="Longest prompt (all messages' text) a chat may "
+                                                             "send; checked before tokenizing, so a huge one "
+                                                             "gets 400 and never stalls the others.")
+    allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "::1"],
+                                     description="Host names the Studio answers to (DNS-rebinding guard); "
+                                                 "'*' for any (set by `sage studio start --host` off loopback).")
     ui: bool = Field(True, description="Mount the Gradio web UI at /.")
 
     @model_validator(mode="after")
     def _hash_api_key(self) -> "StudioSettings":
         if self.api_key:
-            self.api_key_sha256, self.api_key = hashlib.sha256(self.api_key.encode()).hexdigest(), None
+            self.api_key_hash, self.api_key = hash_key(self.api_key), None
         return self
 
     def check_key(self, token: str | None) -> bool:
         """True when no key is required, or `token` is the key (constant-time comparison)."""
-        if not self.api_key_sha256:
-            return True
-        digest = hashlib.sha256((token or "").encode()).hexdigest()
-        return hmac.compare_digest(digest, self.api_key_sha256)
+        return not self.api_key_hash or verify_key(token or "", self.api_key_hash)
 
     @field_validator("sage_home")
     @classmethod

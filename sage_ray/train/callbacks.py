@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from sage_ray.registry.taskfiles import append_log
+from sage_ray.train.preference import ALL_METRICS
 
 CHECKPOINT_SUBDIR = "checkpoint"
 
@@ -54,6 +55,8 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, sink: Callable[[dict], None]):
         self.sink = sink
         self.loss_history: list[tuple[int, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        """The latest preference metrics (reward accuracy, margins...; empty for SFT)."""
         self._t0: float | None = None
         self._tokens0 = 0
         self.steady_tokens_per_s: float | None = None
@@ -78,12 +81,15 @@ class ProgressCallback(TrainerCallback):
         if self._t0 is not None and step > 1:
             eta = (time.perf_counter() - self._t0) / (step - 1) * (total - step)
         self.loss_history.append((step, float(logs["loss"])))
-        self.sink({
+        metrics = {key: round(float(logs[key]), 4) for key in ALL_METRICS if logs.get(key) is not None}
+        self.last_metrics = metrics or self.last_metrics
+        event = {
             "event": "progress", "step": step, "total_steps": total,
             "epoch": round(state.epoch or 0.0, 3), "progress": round(100.0 * step / max(total, 1), 1),
             "loss": round(float(logs["loss"]), 4), "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": round(rate, 1) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
-        })
+        }
+        self.sink({**event, "metrics": metrics} if metrics else event)
 
 
 class LogSink:
@@ -98,6 +104,7 @@ class LogSink:
             f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} "
             f"tokens/s {event['tokens_per_s'] or '-'} eta {format_eta(event['eta_s'])}"
         )
+        line += "".join(f" {name} {value:.4f}" for name, value in (event.get("metrics") or {}).items())
         self.log(line, event)
 
 
@@ -106,11 +113,15 @@ def write_log(log_path: Path, line: str, event: dict | None = None) -> None:
     append_log(log_path, log_text(line, event))
 
 
+ECHO = {"stdout": True}  # off where a follower already shows train.log (the CLI's in-process runs)
+
+
 def log_text(line: str, event: dict | None = None) -> str:
     """What `line` (and `event`) add to train.log, echoed to stdout (the Ray job log) too."""
-    # not print(): Ray Train patches print on workers to both log and echo, doubling each line
-    sys.stdout.write(f"[sage-ray] {line}\n")
-    sys.stdout.flush()
+    if ECHO["stdout"]:
+        # not print(): Ray Train patches print on workers to both log and echo, doubling each line
+        sys.stdout.write(f"[sage-ray] {line}\n")
+        sys.stdout.flush()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     text = "".join(f"{stamp} {part}\n" for part in line.splitlines())
     return text + (f"{stamp} EVENT {json.dumps(event)}\n" if event is not None else "")

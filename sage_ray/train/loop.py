@@ -1,7 +1,8 @@
 """The per-worker training procedure that Ray Train runs on every worker.
 
 It reads top to bottom: tokenise the dataset with the model's chat template, load the base
-(quantized where the config says), wrap it with LoRA, train with the transformers Trainer,
+(quantized where the config says), wrap it with LoRA, train with the transformers Trainer (SFT)
+or TRL's DPO / ORPO / KTO trainer (train/preference.py),
 and on the first worker save the adapter, the tokenizer and the run's figures.
 """
 
@@ -22,7 +23,8 @@ from sage_ray.data import load_dataset
 from sage_ray.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_examples
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
-from sage_ray.train.publish import publish_run
+from sage_ray.train.preference import preference_trainer, prepare_preference_data
+from sage_ray.train.publish import local_dataset, publish_run
 from sage_ray.train.tracking import FanOut, RegistrySink, TaskLog
 
 
@@ -83,7 +85,12 @@ def make_collator(tokenizer, cfg: TrainConfig):
 def training_arguments(cfg: TrainConfig, output_dir: str, on_gpu: bool):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    return TrainingArguments(**training_kwargs(cfg, output_dir, on_gpu))
+
+
+def training_kwargs(cfg: TrainConfig, output_dir: str, on_gpu: bool) -> dict[str, Any]:
+    """The TrainingArguments of every method (TRL's configs extend them)."""
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -116,7 +123,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str, on_gpu: bool):
 
 def prepare_data(cfg: TrainConfig, tokenizer):
     """Load, tokenise and describe the dataset (each worker does this; it is cheap)."""
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(local_dataset(cfg.data))
     items, stats = tokenize_examples(tokenizer, dataset.examples, max_length=cfg.max_length,
                                      train_on_prompt=cfg.train_on_prompt)
     if not items:
@@ -141,16 +148,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # only the first worker writes the log (TaskLog: the file, or the head's copy from another node)
     log = TaskLog.for_worker(paths, loop_config["sage_home"]) if rank0 else TaskLog(paths)
     tokenizer = load_tokenizer(loop_config["model_dir"])
-    dataset, items, stats = prepare_data(cfg, tokenizer)
+    if cfg.method == "sft":
+        dataset, items, stats = prepare_data(cfg, tokenizer)
+        stats = stats.as_dict()
+    else:
+        dataset, items, stats = prepare_preference_data(cfg)
     if rank0:
-        log(f"dataset {dataset.path}: {dataset.format}, " + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
+        log(f"dataset {dataset.path}: {dataset.format}, " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
 
     progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"], log)
     with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
-        trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
-                          train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
-                          processing_class=tokenizer, callbacks=callbacks)
+        if cfg.method == "sft":
+            trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
+                              train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
+                              processing_class=tokenizer, callbacks=callbacks)
+        else:
+            trainer = preference_trainer(cfg, model, tokenizer, items, training_kwargs(cfg, output_dir, on_gpu),
+                                         callbacks, log if rank0 else None)
         trainer.remove_callback(PrinterCallback)
         resume = None
         checkpoint = ray.train.get_checkpoint()
@@ -163,11 +178,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elapsed = time.perf_counter() - started
 
     if rank0:
-        model.save_pretrained(paths.lora)
+        # only the trained adapter: DPO/KTO add a frozen "ref" copy that serving must not load
+        model.save_pretrained(paths.lora, selected_adapters=["default"])
         tokenizer.save_pretrained(paths.lora)
         result = run_figures(trainer, output, progress, elapsed)
-        result.update(dataset={**dataset.summary(), **stats.as_dict()}, workers=context.get_world_size(),
-                      device="cuda" if on_gpu else "cpu")
+        result.update(dataset={**dataset.summary(), **stats}, workers=context.get_world_size(),
+                      device="cuda" if on_gpu else "cpu", method=cfg.method)
         result = publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
         paths.result.write_text(json.dumps(result, indent=2))
     log.flush()
@@ -202,4 +218,5 @@ def run_figures(trainer, output, progress: ProgressCallback, elapsed: float) -> 
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
         "steady_tokens_per_s": progress.steady_tokens_per_s,
+        **({"final_metrics": progress.last_metrics} if progress.last_metrics else {}),
     }

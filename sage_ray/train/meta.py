@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from sage_ray import storage
+from sage_ray.artifacts import MERGED_DIR
 from sage_ray.paths import TaskPaths
 from sage_ray.registry.store import now_iso
-from sage_ray.train.publish import artifact_uri
 from sage_ray.registry.status import JobStatus
+from sage_ray.train.publish import artifact_uri
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -41,7 +42,7 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "merged_path": str(paths.merged) if merged else None,
         # the shared copies (SAGE_STORAGE), which nodes without this folder fetch
         "lora_uri": artifact_uri(paths.task_id, "lora"),
-        "merged_uri": artifact_uri(paths.task_id, "merged_model") if merged else None,
+        "merged_uri": artifact_uri(paths.task_id, MERGED_DIR) if merged else None,
         "lora_bytes": result.get("lora_bytes"),
         "checkpoint_dir": storage.join(shared, "checkpoints") if shared else str(paths.checkpoints),
         "log_path": str(paths.train_log),
@@ -53,7 +54,8 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "dataset": result.get("dataset"),
         "metrics": {key: result.get(key) for key in (
             "train_loss", "final_loss", "steps", "epochs", "train_seconds", "tokens_seen",
-            "tokens_per_s", "steady_tokens_per_s", "workers", "device")},
+            "tokens_per_s", "steady_tokens_per_s", "workers", "device", "final_metrics")
+            if key != "final_metrics" or key in result},  # final_metrics: a preference run's rewards
         "loss_history": result.get("loss_history", []),
         "device": device,
         "memory_estimate_gib": round(memory_estimate_gib, 3),

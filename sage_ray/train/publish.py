@@ -9,13 +9,16 @@ every function here is a no-op and paths stay local: the single-machine default.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from sage_ray import storage
+from sage_ray.artifacts import MERGED_DIR, is_adapter
 from sage_ray.paths import TaskPaths
-from sage_ray.registry.discovery import ADAPTER_CONFIG
 
 RESULT = "train_result.json"
 
@@ -64,14 +67,14 @@ def run_result(paths: TaskPaths) -> dict[str, Any]:
 def local_adapter(paths: TaskPaths) -> Path:
     """The task's adapter folder on this machine: its own lora/, else fetched from storage."""
     uri = artifact_uri(paths.task_id, "lora")
-    if (paths.lora / ADAPTER_CONFIG).is_file() or uri is None:
+    if is_adapter(paths.lora) or uri is None:
         return paths.lora
     return storage.fetch(uri)
 
 
 def publish_merged(paths: TaskPaths) -> str | None:
     """Share the merged model the driver just wrote; its URI, or None without SAGE_STORAGE."""
-    uri = artifact_uri(paths.task_id, "merged_model")
+    uri = artifact_uri(paths.task_id, MERGED_DIR)
     if uri is not None:
         storage.upload_dir(paths.merged, uri)
     return uri
@@ -90,3 +93,32 @@ def forget(task_id: str) -> bool:
     """Remove a deleted task's shared copy; True if there was one."""
     root = storage.task_uri(task_id)
     return storage.delete_tree(root) if root else False
+
+
+def share_dataset(path: str) -> str:
+    """What the workers read the dataset from: with SAGE_STORAGE, its shared copy (uploaded once,
+    content-addressed, `<SAGE_STORAGE>/datasets/<sha256>/<file>`), so a training node without
+    the head's disk gets it checksum-verified; else the path itself."""
+    root = storage.shared_root()
+    if root is None:
+        return path
+    source = Path(path)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    uri = storage.join(root, "datasets", digest[:32])
+    try:
+        known = storage.read_manifest(uri)["files"].get(source.name, {}).get("sha256") == digest
+    except storage.StorageError:  # not uploaded yet
+        known = False
+    if not known:
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copyfile(source, Path(folder) / source.name)
+            storage.upload_dir(folder, uri)
+    return storage.join(uri, source.name)
+
+
+def local_dataset(data: str) -> str:
+    """A worker's local path for `data`: a shared copy is fetched into this node's verified cache."""
+    if not storage.is_uri(data):
+        return data
+    folder, _, name = data.rpartition("/")
+    return str(storage.fetch(folder) / name)

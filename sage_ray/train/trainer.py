@@ -27,7 +27,7 @@ from sage_ray.train.callbacks import write_log
 from sage_ray.train.device import cluster_has_gpu, local_device
 from sage_ray.train.merge import merge_adapter
 from sage_ray.train.meta import build_meta, now_iso, write_json_atomic
-from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result
+from sage_ray.train.publish import checkpoint_location, local_adapter, publish_merged, run_result, share_dataset
 from sage_ray.train.tracking import JobTracker
 from sage_ray.registry.status import JobStatus
 
@@ -128,7 +128,8 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     storage_path, storage_fs = checkpoint_location(paths)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+        train_loop_config={"config": {**cfg.model_dump(mode="json"), "data": share_dataset(cfg.data)},
+                           "model_dir": str(model_dir),
                            "task_dir": str(paths.dir), "sage_home": str(sage_home())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
                                      resources_per_worker=resources),
@@ -165,7 +166,7 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
 
 
 def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneResult:
-    load_dataset(cfg.data)  # a bad dataset fails here, before any worker starts
+    load_dataset(cfg.data, method=cfg.method)  # a bad dataset fails here, before any worker starts
     model_dir = resolve_model(cfg.model)
     cfg = worker_resources(cfg)
     tracker.update(config=cfg.model_dump(mode="json"))  # the queue reads the job's demand from it

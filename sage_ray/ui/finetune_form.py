@@ -16,7 +16,8 @@ from typing import Any, get_args
 
 import gradio as gr
 
-from sage_ray.config import PresetName, TaskType
+from sage_ray.config import Method, PresetName, TaskType
+from sage_ray.data import METHOD_KINDS
 from sage_ray.ui import format as fmt
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,10 @@ DEFAULT_LR = 1e-3
 DEFAULT_TASK = "chat"
 # Order of the values the form's callbacks receive (after the dataset path state).
 FORM_FIELDS = ("model", "task", "preset", "epochs", "batch_size", "lr", "lora_r",
-               "lora_alpha", "max_length", "grad_accum", "merge", "name")
+               "lora_alpha", "max_length", "grad_accum", "merge", "name", "method", "beta")
+# The method an upload switches the form to when the one chosen cannot train its records.
+METHOD_FOR_KIND = {"sft": "sft", "pairs": "dpo", "labelled": "kto"}
+METHOD_INFO = "sft: replies; dpo / orpo: chosen vs rejected pairs; kto: replies labelled good or bad."
 PRESET_INFO = "0: the preset's"
 NO_DATASET = "Upload a dataset (JSON array or JSONL) to see the effective config and memory estimate."
 
@@ -61,6 +65,9 @@ def build_request(form: dict) -> dict:
         "grad_accum": _opt_int(form.get("grad_accum")),
         "merge": bool(form.get("merge")),
         "name": name,
+        "method": form.get("method") or "sft",
+        # 0 (Gradio's empty Number) means the default; beta only exists for the preference methods
+        "beta": (_opt_float(form.get("beta")) or None) if form.get("method") in ("dpo", "orpo", "kto") else None,
     }
 
 
@@ -86,19 +93,38 @@ def dataset_summary_md(info: dict) -> str:
     formats = info.get("formats") or {}
     mix = ", ".join(f"{name} {count}" for name, count in sorted(formats.items()))
     text = f"✓ **{info.get('filename')}**: {info.get('records')} records, format **{info.get('format')}**"
+    if info.get("kind") in ("pairs", "labelled"):
+        text += (" (preference pairs: method dpo, orpo or kto)" if info["kind"] == "pairs"
+                 else " (labelled replies: method kto)")
     return text + (f" ({mix})" if len(formats) > 1 else "")
 
 
+def _block(title: str, text: Any, open_: bool = False) -> str:
+    return (f'<details class="sr-preview" {"open" if open_ else ""}><summary>{html.escape(title)}</summary>'
+            f"<pre>{html.escape(str(text or ''))}</pre></details>")
+
+
 def dataset_preview_html(info: dict) -> str:
-    """The first records exactly as the model sees them (chat template applied)."""
+    """The first records exactly as the model sees them (chat template applied); preference
+    records as their prompt and each reply that follows it."""
     blocks = []
     for i, example in enumerate(info.get("preview") or [], start=1):
-        rendered = html.escape(str(example.get("rendered") or ""))
-        blocks.append(
-            f'<details class="sr-preview" {"open" if i == 1 else ""}>'
-            f"<summary>Record {i} as the model sees it</summary><pre>{rendered}</pre></details>"
-        )
+        if "prompt" not in example:
+            blocks.append(_block(f"Record {i} as the model sees it", example.get("rendered"), i == 1))
+            continue
+        label = example.get("label")
+        judged = "" if label is None else " (desirable)" if label else " (undesirable)"
+        parts = [_block(f"Record {i}: prompt", example["prompt"], i == 1)]
+        parts += [_block(f"Record {i}: {key}{judged if key == 'completion' else ''}", example[key], i == 1)
+                  for key in ("chosen", "rejected", "completion") if key in example]
+        blocks.append("".join(parts))
     return "".join(blocks)
+
+
+def method_for(info: dict, method: str | None) -> str:
+    """`method` when it can train the uploaded records, else the one that can."""
+    kind = info.get("kind") or "sft"
+    return method if method and kind in METHOD_KINDS.get(method, ()) else METHOD_FOR_KIND[kind]
 
 
 def upload(service, file_path: str | None) -> dict:
@@ -112,7 +138,7 @@ def upload(service, file_path: str | None) -> dict:
         return {"data": None, "summary": "",
                 "error": gr.update(value=fmt.error_html(fmt.error_text(exc)), visible=True),
                 "preview": ""}
-    return {"data": info["path"], "summary": dataset_summary_md(info),
+    return {"data": info["path"], "summary": dataset_summary_md(info), "info": info,
             "error": gr.update(value="", visible=False), "preview": dataset_preview_html(info)}
 
 
@@ -158,6 +184,8 @@ def _basic_fields() -> dict:
                                 info="Informational: names the task.", scale=1, elem_id="task-type"),
             "preset": gr.Dropdown(label="Memory preset", choices=list(get_args(PresetName)), value="auto",
                                   info="auto: by free GPU memory, else cpu.", scale=1, elem_id="preset"),
+            "method": gr.Dropdown(label="Method", choices=list(get_args(Method)), value="sft",
+                                  info=METHOD_INFO, scale=1, elem_id="method"),
         }
     with gr.Row():
         fields["epochs"] = gr.Number(label="Epochs", value=DEFAULT_EPOCHS, info="fractions allowed",
@@ -176,6 +204,8 @@ def _advanced_fields() -> dict:
                 "lora_alpha": _optional_int("LoRA alpha", "lora-alpha"),
                 "max_length": _optional_int("Max length (tokens)", "max-length"),
                 "grad_accum": _optional_int("Gradient accumulation", "grad-accum"),
+                "beta": gr.Number(label="Beta (dpo / orpo / kto)", value=0, info="0: the default, 0.1",
+                                  elem_id="beta"),
             }
         with gr.Row(equal_height=True):
             fields["name"] = gr.Textbox(label="Task name", placeholder="blank: <task>_<date>_<time>",
@@ -217,9 +247,11 @@ def wire(form: SimpleNamespace, service, selected: gr.State):
     inputs = [form.data] + [form.fields[k] for k in FORM_FIELDS]
     plan_outputs = [form.yaml, form.plan]
 
-    def on_upload(file_path):
+    def on_upload(file_path, method):
         out = upload(service, file_path)
-        return out["data"], out["summary"], out["error"], out["preview"]
+        # preference data picks a method that trains it (the summary says which kind it is)
+        chosen = method_for(out["info"], method) if out.get("info") else method
+        return out["data"], out["summary"], out["error"], out["preview"], chosen
 
     def on_plan(data, *values):
         out = plan(service, data, *values)
@@ -230,8 +262,8 @@ def wire(form: SimpleNamespace, service, selected: gr.State):
         out = submit(service, data, *values)
         return out["status"], out["selected"]
 
-    form.dataset.change(on_upload, form.dataset,
-                        [form.data, form.summary, form.error, form.preview]
+    form.dataset.change(on_upload, [form.dataset, form.fields["method"]],
+                        [form.data, form.summary, form.error, form.preview, form.fields["method"]]
                         ).then(on_plan, inputs, plan_outputs, show_progress="hidden")
     gr.on([form.fields[k].change for k in FORM_FIELDS], on_plan, inputs, plan_outputs,
           trigger_mode="always_last", show_progress="hidden")

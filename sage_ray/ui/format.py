@@ -300,11 +300,26 @@ def pick_task(jobs: list[dict], selected: str | None) -> str | None:
     return (running or ordered or [{"task_id": None}])[0]["task_id"]
 
 
+# Preference metrics (train/preference.py METRICS) as the chart's legend names them.
+METRIC_LABELS = {"rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin",
+                 "rewards/chosen": "reward chosen", "rewards/rejected": "reward rejected",
+                 "nll_loss": "nll loss", "log_odds_ratio": "log odds ratio", "kl": "kl"}
+
+
 def loss_frame(job: dict | None) -> pd.DataFrame:
-    """loss_history [[step, loss], ...] as the LinePlot's frame (x=step, y=loss)."""
+    """loss_history [[step, loss, {metric: value}?], ...] as the LinePlot's long frame
+    (x=step, y=value, color=series): the loss, and a DPO/ORPO/KTO run's reward metrics."""
     history = (job or {}).get("loss_history") or []
-    rows = [(int(step), float(loss)) for step, loss in history if loss is not None]
-    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+    rows = []
+    for point in history:
+        step, loss = point[0], point[1]
+        if loss is not None:
+            rows.append((int(step), float(loss), "loss"))
+        for name, value in (point[2] if len(point) > 2 else {}).items():
+            if value is not None:
+                rows.append((int(step), float(value), METRIC_LABELS.get(name, name)))
+    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 
 
 def job_summary_md(job: dict | None) -> str:

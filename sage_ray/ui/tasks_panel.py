@@ -116,7 +116,7 @@ def build_panel() -> SimpleNamespace:
                                         interactive=False, elem_id=f"task-{a}") for a in ACTIONS}
             action_status = gr.HTML("", elem_id="task-action-status")
             with gr.Row(equal_height=False):
-                plot = gr.LinePlot(value=fmt.loss_frame(None), x="step", y="loss", title="Training loss",
+                plot = gr.LinePlot(value=fmt.loss_frame(None), x="step", y="value", color="series", title="Training loss",
                                    height=300, scale=1, elem_id="loss-plot")
                 logs = gr.Textbox(label="Log of the selected task", lines=14, max_lines=14,
                                   autoscroll=True, interactive=False, buttons=["copy"], scale=1,

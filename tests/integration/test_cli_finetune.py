@@ -78,6 +78,7 @@ def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "merged model at" in result.output and "What is the capital of Egypt?" in result.output
     assert "fine-tuned model" in result.output
+    assert result.output.count("effective config") == 1, result.output  # once: from train.log, not echoed too
     assert (ray_cluster.sage_home / "studio_finetune" / "qs-qa" / "merged_model" / "config.json").exists()
 
 

@@ -26,8 +26,8 @@ def finetuned(ray_cluster, chat_data):
     from sage_ray import LoraConfig, TrainConfig
     from sage_ray.train.trainer import finetune
 
-    cfg = TrainConfig(name=TASK, model="tiny", data=str(chat_data), max_steps=2, batch_size=2, max_length=128,
-                      lora=LoraConfig(r=4, alpha=8), cpus_per_worker=1)
+    cfg = TrainConfig(name=TASK, task="code", model="tiny", data=str(chat_data), max_steps=2, batch_size=2,
+                      max_length=128, lora=LoraConfig(r=4, alpha=8), cpus_per_worker=1)
     return finetune(cfg, log_to_driver=False)
 
 
@@ -149,6 +149,18 @@ def test_finetune_chat_talks_to_the_task_model(port):
                                  "--temperature", "0"], input="hi\n/exit\nnot sent\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == reply(port, "hi", model=TASK, max_tokens=4) + "\n"
+
+
+def test_the_seeds_commands_name_a_fine_tune_by_its_task_type(port):
+    """SAGE's `sage finetune chat code` / `sage chat --backend finetune --finetune-model code`: a task
+    type names its newest completed fine-tune (here the module's, trained with task "code")."""
+    expected = reply(port, "hi", model=TASK, max_tokens=4) + "\n"
+    by_type = runner.invoke(app, ["finetune", "chat", "code", "--base-url", url_of(port), "--max-tokens", "4",
+                                  "--temperature", "0"], input="hi\n")
+    assert by_type.exit_code == 0 and by_type.stdout == expected, by_type.output
+    backend = runner.invoke(app, ["chat", "--backend", "finetune", "--finetune-model", "code", "--base-url",
+                                  url_of(port), "--max-tokens", "4", "--temperature", "0"], input="hi\n")
+    assert backend.exit_code == 0 and backend.stdout == expected, backend.output
 
 
 def test_chat_with_an_unknown_model_exits_1(port):

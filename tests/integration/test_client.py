@@ -86,6 +86,21 @@ def test_upload_dataset_and_a_bad_one(client, chat_data, tmp_path):
     assert err.value.status == 400 and "line 1" in err.value.message and err.value.detail["field"] == "output"
 
 
+def test_preference_upload_previews_pairs_and_a_job_checks_its_method(client):
+    pairs = Path(__file__).resolve().parents[2] / "sage_ray" / "quickstart" / "preference.jsonl"
+    upload = client.datasets.upload(pairs)
+    assert (upload.format, upload.kind, upload.records) == ("preference", "pairs", 16)
+    first = upload.preview[0]
+    assert first["prompt"].endswith("<|im_start|>assistant\n") and "France" in first["prompt"]
+    assert first["chosen"].startswith("The capital of France is Paris.") and "rejected" in first
+    with pytest.raises(StudioError) as err:  # pairs trained as SFT: refused before any job exists
+        client.jobs.create(data=upload.path, method="sft")
+    assert err.value.status == 400 and err.value.detail["field"] == "method" and "--method dpo" in err.value.message
+    with pytest.raises(StudioError) as err:  # beta means nothing to sft: never silently dropped
+        client.jobs.create(data=upload.path, beta=0.2)
+    assert err.value.status == 400 and "beta applies to the preference methods" in err.value.message
+
+
 def test_jobs_list_and_unknown_task(client):
     assert all(isinstance(job, Job) for job in client.jobs.list())
     for call in (client.jobs.get, client.jobs.cancel, client.jobs.logs, client.jobs.delete):

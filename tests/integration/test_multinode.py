@@ -85,15 +85,18 @@ def _multinode_cluster(home, temp_dir, s3_server):
         ports = {"temp_dir": temp_dir, "include_dashboard": True,
                  "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
                  "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()}
+        # each node its own SAGE_HOME, as on separate machines: what one node wrote or was given
+        # (an uploaded dataset, a cached model) is not in another's
+        homes = {group: home.parent / f"{home.name}_{group}" for group in ("train", "serve")}
         cluster = Cluster()
         try:
             cluster.add_node(num_cpus=1, resources={"sage_studio": 1}, **ports)
-            for cpus, resources in ((2, {"sage_train": 2}), (1, {"sage_serve": 1, "gpu_slot": 1})):
+            for cpus, resources, group in ((2, {"sage_train": 2}, "train"), (1, {"sage_serve": 1, "gpu_slot": 1}, "serve")):
                 cluster.add_node(num_cpus=cpus, resources=resources, dashboard_agent_listen_port=free_port(),
-                                 metrics_export_port=free_port())
+                                 metrics_export_port=free_port(), env_vars={"SAGE_HOME": str(homes[group])})
             ray.init(address=cluster.address, log_to_driver=False)
             registry = get_registry(home)
-            yield SimpleNamespace(home=home, registry=registry, head=node_with("sage_studio"),
+            yield SimpleNamespace(home=home, homes=homes, registry=registry, head=node_with("sage_studio"),
                                   train=node_with("sage_train"), serve=node_with("sage_serve"), cluster=cluster,
                                   s3=s3)
         finally:
@@ -172,7 +175,10 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     from sage_ray.train.trainer import finetune
 
     started = time.monotonic()
-    cfg = TrainConfig(name="mn-train", model="tiny", data=str(chat_data), max_steps=2, batch_size=2,
+    data = multinode.home / "datasets" / "chat.json"  # uploaded on the head: only in its folders
+    data.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(chat_data, data)
+    cfg = TrainConfig(name="mn-train", model="tiny", data=str(data), max_steps=2, batch_size=2,
                       max_length=128, num_workers=2, cpus_per_worker=1, save_steps=50)
     result = finetune(cfg, log_to_driver=False)
     print(f"fine-tune on the train node, 2 workers: {time.monotonic() - started:.1f} s")
@@ -182,7 +188,10 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     # the train node's log lines reach the head's train.log through the registry actor (the
     # nodes share this machine's disk, so here a marker line shows the route they take)
     log = result.paths.train_log.read_text()
-    assert "dataset " in log and "step 2/2" in log
+    assert "step 2/2" in log
+    # the dataset exists only in the head's folders: the train node's workers read the store's copy
+    [read] = [line for line in log.splitlines() if " dataset " in line]
+    assert f"{multinode.homes['train'] / 'cache'}/" in read, read
 
     def write_from_node(paths, home: str, line: str) -> bool:
         from sage_ray.train.tracking import TaskLog
@@ -214,7 +223,7 @@ def test_train_on_train_node_serve_on_serve_node_and_recover(multinode, studio_p
     adapter = artifacts[0]["name"]
     assert chat(client)["model"] == adapter
     served = client.get("/api/finetune/current-model").json()
-    assert Path(served["path"]).parent == multinode.home / "cache"  # fetched and verified on the serve node
+    assert Path(served["path"]).parent == multinode.homes["serve"] / "cache"  # fetched and verified on the serve node
 
     # the replica dies: Serve brings one back on the serving node group, with the declared model
     started = time.monotonic()

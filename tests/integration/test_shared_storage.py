@@ -12,6 +12,7 @@ real cluster, never as variables).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -69,6 +70,12 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
             "checkpoints/checkpoint_manager_snapshot.json"} <= stored, sorted(stored)
     assert any(k.startswith("checkpoints/checkpoint_") and k.endswith("/checkpoint/trainer_state.json")
                for k in stored), sorted(stored)
+    # the dataset too: the workers read a checksum-verified copy from the store, not the head's path
+    digest = hashlib.sha256(Path(chat_data).read_bytes()).hexdigest()
+    assert {"sage_manifest.json", Path(chat_data).name} <= keys(s3, f"sage/datasets/{digest[:32]}/")
+    worker_read = [line for line in (home / "studio_finetune" / task_id / "train.log").read_text().splitlines()
+                   if " dataset " in line]
+    assert worker_read and f"{home / 'cache'}/" in worker_read[0], worker_read
     task_uri = f"s3://{s3.bucket}/{task_prefix.rstrip('/')}"
     assert checkpoint_step_at(storage.join(task_uri, "checkpoints")) == 6  # what a resume reads
     task_dir = home / "studio_finetune" / task_id
@@ -92,7 +99,8 @@ def test_finetune_to_s3_then_serve_from_another_node(shared_storage, ray_cluster
     assert meta["lora_bytes"] == storage.read_manifest(meta["lora_uri"])["total_bytes"] > 0
 
     # What the LLM replica does on its node: resolve through the registry, fetch, verify, load.
-    serving = ServingRegistry(StudioSettings(sage_home=str(home)))
+    # the base was trained from a folder outside SAGE_HOME: the Studio serves from it once allowed
+    serving = ServingRegistry(StudioSettings(sage_home=str(home), allowed_roots=[str(tiny_model_dir.parent)]))
     lora_spec = serving.spec(f"{task_id}-lora")
     merged_spec = serving.spec(task_id)
     cache = home / "cache"

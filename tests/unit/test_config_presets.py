@@ -146,3 +146,23 @@ def test_too_big_is_refused_with_estimate_and_preset_to_try():
     with pytest.raises(DoesNotFitError, match="try --preset minimal"):
         check_fits(QWEN_7B, apply_preset(TrainConfig(preset="rtx_3060"), gpu_8g), gpu_8g)
     assert check_fits(QWEN_1_5B, apply_preset(TrainConfig(preset="rtx_3060"), GPU_12G), GPU_12G).total < 11 * GiB
+
+
+def test_method_and_beta_are_checked():
+    assert TrainConfig().method == "sft" and TrainConfig(method="dpo", beta=0.2).beta == 0.2
+    with pytest.raises(ConfigError, match="field 'method'"):
+        parse_train_config({"method": "ppo"})
+    with pytest.raises(ConfigError, match="beta applies to the preference methods"):
+        parse_train_config({"beta": 0.1})  # sft has no beta: never silently ignored
+    with pytest.raises(ConfigError, match="train_on_prompt applies to method sft only"):
+        parse_train_config({"method": "orpo", "train_on_prompt": True})
+    with pytest.raises(ConfigError, match="batch_size must be at least 2 for method kto"):
+        parse_train_config({"method": "kto", "batch_size": 1})
+
+
+def test_kto_gets_two_examples_per_batch_with_the_same_effective_batch():
+    resolved = apply_preset(TrainConfig(preset="rtx_3060", method="kto"), GPU_12G)
+    assert (resolved.batch_size, resolved.grad_accum) == (2, 8)  # the preset's 1 x 16
+    explicit = apply_preset(TrainConfig(preset="rtx_3060", method="kto", grad_accum=16), GPU_12G)
+    assert (explicit.batch_size, explicit.grad_accum) == (2, 16)  # the user's grad_accum is kept
+    assert apply_preset(TrainConfig(preset="rtx_3060", method="dpo"), GPU_12G).batch_size == 1

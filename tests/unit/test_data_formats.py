@@ -154,7 +154,7 @@ def test_parse_dataset_bytes(tmp_path):
 
 
 def test_detect_format_and_to_example():
-    assert FORMATS == ("alpaca", "qa", "conversations", "sharegpt", "text")
+    assert FORMATS == ("alpaca", "qa", "conversations", "sharegpt", "text", "preference", "openai_dpo", "kto")
     assert detect_format(ALPACA) == "alpaca"
     assert detect_format({"question": "q", "answer": "a"}) == "qa"
     assert detect_format({"messages": []}) == "conversations"

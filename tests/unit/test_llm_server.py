@@ -271,3 +271,18 @@ def test_release_is_refused_without_the_release_policy():
             await server.release_gpu("job")
 
     asyncio.run(run())
+
+
+def test_a_huge_prompt_is_refused_before_the_engine_sees_it():
+    from sage_ray.serve.llm_server import PromptTooLongError
+
+    async def run():
+        server, engines, _ = make_server()
+        await server.reconfigure({"model": "base", "version": 1})
+        huge = [{"role": "user", "content": [{"type": "text", "text": "x" * 150_000}]},
+                {"role": "user", "content": "y" * 60_000}]
+        with pytest.raises(PromptTooLongError, match="210000 characters"):
+            await server.complete({"messages": huge})
+        assert await reply(server) == "/m/base/base"
+
+    asyncio.run(run())

@@ -204,3 +204,18 @@ def test_the_read_only_registry_of_an_empty_home_creates_nothing(tmp_path: Path)
     view = ReadOnlyRegistry(tmp_path / "nothing_here")
     assert view.list_artifacts() == [] and view.list_jobs() == [] and view.get_active_model() is None
     assert not (tmp_path / "nothing_here").exists()
+
+
+def test_a_task_type_names_its_newest_completed_fine_tune(home: Path):
+    from sage_ray.registry.client import ReadOnlyRegistry
+    from sage_ray.serve.resolve import ModelRefError, find_artifact
+
+    store = RegistryStore(home / "registry.db")
+    for task_id, finished in (("task_b", "2026-01-02T00:00:00+00:00"), ("task_a", "2026-01-03T00:00:00+00:00")):
+        store.create_job(task_id, config={"task": "code"})
+        store.update_job(task_id, status="completed", finished_at=finished)
+    store.create_job("running", config={"task": "qa"})
+    view = ReadOnlyRegistry(home)
+    assert find_artifact("code", view, [home])["task_id"] == "task_a"  # the newer of the two
+    with pytest.raises(ModelRefError, match="no model named 'qa'"):  # its only job has not completed
+        find_artifact("qa", view, [home])

@@ -158,6 +158,14 @@ def test_progress_is_monotonic_and_terminal_states_stay(store: RegistryStore):
     assert job["step"] == 3 and job["loss_history"] == [[1, 2.0], [3, 1.5]] and job["loss"] == 1.5
     with pytest.raises(NotFoundError):
         store.report_progress("nope", event(1))
+
+
+def test_preference_metrics_ride_along_in_the_loss_history(store: RegistryStore):
+    store.create_job("dpo")
+    metrics = {"rewards/accuracies": 0.75, "rewards/margins": 0.12}
+    assert store.report_progress("dpo", {**event(1, 0.69), "metrics": metrics})
+    assert store.report_progress("dpo", event(2, 0.6))
+    assert store.get_job("dpo")["loss_history"] == [[1, 0.69, metrics], [2, 0.6]]
     with pytest.raises(RegistryValueError):
         store.report_progress("t1", {"loss": 1.0})
 
@@ -390,3 +398,19 @@ def test_a_stopped_run_cannot_touch_its_resumed_successor(store: RegistryStore):
     assert late is None and store.get_job("t")["status"] == "queued"
     assert store.update_job("t", owner="t-resume1", status="training")["status"] == "training"
     assert store.update_job("t", status="failed", error="x")["status"] == "failed"  # no owner: no guard
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "tiny-qwen2", "SmolLM2-135M-Instruct"])
+def test_a_task_cannot_take_a_built_in_models_name(store: RegistryStore, name: str):
+    with pytest.raises(AlreadyExistsError, match="built-in model"):
+        store.create_job(name, config={})
+    assert store.get_job(name) is None
+
+
+def test_a_task_cannot_take_another_models_registry_name(store: RegistryStore, tmp_path: Path):
+    store.upsert_artifact({"name": "my-base", "kind": "base", "path": str(tmp_path / "my-base")})
+    store.upsert_artifact({"name": "old-task", "kind": "merged", "path": str(tmp_path / "old"), "task_id": "old-task"})
+    with pytest.raises(AlreadyExistsError, match="registry name of a base model"):
+        store.create_job("my-base", config={})
+    assert store.create_job("old-task", config={})["task_id"] == "old-task"  # its own models: a re-run
+    assert store.get_artifact("my-base")["kind"] == "base"

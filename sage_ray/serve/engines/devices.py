@@ -1,4 +1,4 @@
-"""Torch device helpers shared by the transformers engine's loading and lending paths."""
+"""Torch helpers of the transformers engine: dtype and padding choice, freeing device memory."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def pad_id(tokenizer, model) -> int:
+    """The padding token of a batch: the tokenizer's, else the model's, else end-of-text."""
+    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

@@ -22,11 +22,12 @@ from typing import AsyncIterator
 
 import torch
 
-from sage_ray.inference import encode_chat, stop_token_ids
+from sage_ray.inference import stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
 from sage_ray.serve.engines.artifacts import folder_stamp
-from sage_ray.serve.engines.devices import free_memory, pick_dtype
-from sage_ray.serve.engines.base import BASE_ADAPTER, Delta, EngineError, ModelSpec, SamplingParams
+from sage_ray.serve.engines.devices import free_memory, pad_id, pick_dtype
+from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, Delta, EngineError, ModelSpec, SamplingParams
+from sage_ray.serve.engines.grammar import TokenViews
 from sage_ray.serve.engines.hf_batch import Request, run_batch
 
 _STOP = object()  # tells the worker thread to exit
@@ -57,6 +58,7 @@ class _Served:
     """What a request without `adapter` gets: the adapter of a lora spec given to start(), else the base."""
     stamp: tuple = ()
     """folder_stamp of the base folder when it was loaded."""
+    token_views: TokenViews | None = None  # JSON-schema matchers and token bytes (logprobs)
 
 
 class HFEngine:
@@ -67,6 +69,7 @@ class HFEngine:
     process; default: torch's own, i.e. the cores Ray or OMP_NUM_THREADS allow)."""
 
     name = "hf"
+    sampling_fields = OPENAI_SAMPLING
     serves_asleep = True  # asleep it answers from the CPU, slower
 
     def __init__(self, *, device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
@@ -135,7 +138,8 @@ class HFEngine:
             base_path=os.path.realpath(path), model=model, tokenizer=tokenizer,
             stop_ids=stop_token_ids(model, tokenizer),
             context=getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length,
-            pad_id=_pad_id(tokenizer, model), stamp=folder_stamp(path),
+            pad_id=pad_id(tokenizer, model), stamp=folder_stamp(path),
+            token_views=TokenViews(model.get_output_embeddings().weight.shape[0]),
         )
         if spec.kind == "lora":
             self._attach(served, spec)
@@ -213,16 +217,24 @@ class HFEngine:
 
     # --- serving ---------------------------------------------------------------------------
 
-    async def chat(self, messages: list[dict], *, adapter: str | None = None,
-                   params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+    def chat(self, messages: list[dict], *, adapter: str | None = None,
+             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
         """Stream the reply; `adapter` None = the started model, BASE_ADAPTER = the base weights."""
+        return self._generate(messages, None, adapter, params)
+
+    def generate(self, prompt: str, *, adapter: str | None = None,
+                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
+        return self._generate([], prompt, adapter, params)
+
+    async def _generate(self, messages: list[dict], prompt: str | None, adapter: str | None, params) -> AsyncIterator:
         served = self._require_started()
         name = adapter or served.default_adapter
         if name != BASE_ADAPTER and name not in served.adapters:
             raise EngineError(f"adapter {name!r} is not loaded (loaded: {sorted(served.adapters) or 'none'}); "
                               "load it with load_adapter() first")
         request = Request(messages, name, params or SamplingParams(), asyncio.get_running_loop(), asyncio.Queue(),
-                          on_finish=self._count_finished)
+                          on_finish=self._count_finished, prompt=prompt)
         self._pending.put(request)
         try:
             while True:
@@ -299,11 +311,7 @@ class HFEngine:
         else:
             raise EngineError(f"adapter {request.adapter!r} was unloaded before this request ran; "
                               f"loaded: {sorted(served.adapters) or 'none'}")
-        prompt = encode_chat(tokenizer, request.messages)
-        if len(prompt) >= served.context:
-            raise EngineError(f"the prompt is {len(prompt)} tokens but the model's context is {served.context}: "
-                              "shorten the conversation")
-        request.prepare(prompt, tokenizer, stop_ids, served.context)
+        request.prepare(tokenizer, stop_ids, served.context, served.token_views)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -384,10 +392,3 @@ class HFEngine:
     def _locked(self, fn, *args):
         with self._lock:
             return fn(*args)
-
-
-def _pad_id(tokenizer, model) -> int:
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(candidate, int):
-            return candidate
-    return 0

@@ -22,7 +22,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from sage_ray.serve.engines.base import Delta, SamplingParams
+from sage_ray.inference import encode_chat, renders_tools
+from sage_ray.serve.engines.base import Delta, EngineError, SamplingParams, UnsupportedParamError
 from sage_ray.serve.engines.text import IncrementalDecoder, StopMatcher
 
 
@@ -47,14 +48,43 @@ class Request:
     stopper: StopMatcher | None = None
     on_finish: Callable[["Request"], None] | None = None
     """Called in the worker thread just before the last Delta goes out (engine statistics)."""
+    prompt: str | None = None
+    """A raw prompt (/v1/completions): used as it is, no chat template; `messages` is then empty."""
+    matcher: object | None = None
+    """llguidance matcher of params.json_schema: RowSampler masks the tokens it does not allow."""
+    token_bytes: Callable[[int], bytes] | None = None
+    """Token id -> its exact bytes, for the logprobs entries."""
+    step_logprobs: dict | None = None
+    """The logprobs entry of the token RowSampler just chose (params.logprobs), for on_token."""
+    logprobs: list[dict] = field(default_factory=list)
+    """Entries not sent yet: they go out with the next Delta."""
 
-    def prepare(self, prompt_ids: list[int], tokenizer, stop_ids, context: int) -> None:
-        """Bind the tokenized prompt and the artifact's stop tokens; clip max_tokens to the context left."""
+    def prepare(self, tokenizer, stop_ids, context: int, token_views=None) -> None:
+        """Tokenize the prompt, bind the artifact's stop tokens, clip max_tokens to the context left;
+        with a JSON schema or logprobs, take the grammar matcher / token bytes from `token_views`."""
+        prompt_ids = self._encode(tokenizer)
+        if len(prompt_ids) >= context:
+            raise EngineError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context}: "
+                              "shorten the conversation")
+        if self.params.json_schema is not None or self.params.logprobs:
+            token_views.attach(self, tokenizer, stop_ids)
         self.prompt_ids = prompt_ids
         self.stop_ids = frozenset(stop_ids)
         self.max_new = min(self.params.max_tokens, context - len(prompt_ids))
         self.decoder = IncrementalDecoder(tokenizer)
         self.stopper = StopMatcher(self.params.stop)
+
+    def _encode(self, tokenizer) -> list[int]:
+        """The prompt's token ids: the chat template over `messages`, or the raw `prompt` as it is."""
+        if self.prompt is None:
+            if self.params.tools and not renders_tools(tokenizer):
+                raise UnsupportedParamError(f"tools: the chat template of {tokenizer.name_or_path} does not render "
+                                            "tools; serve a model whose template supports tool calling")
+            return encode_chat(tokenizer, self.messages, self.params.tools)
+        ids = tokenizer(self.prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise EngineError("the prompt is empty: send some text to continue")
+        return ids
 
     def on_token(self, token: int) -> None:
         """Route one generated token: text out, or the end of the reply."""
@@ -65,12 +95,15 @@ class Request:
             self.finish("stop")
             return
         self.completion_tokens += 1
+        if self.step_logprobs is not None:
+            self.logprobs.append(self.step_logprobs)
+            self.step_logprobs = None
         text, hit = self.stopper.feed(self.decoder.push(token))
         if hit:
             self.finish("stop", text_before=text, flush=False)
             return
         if text:
-            self._send(Delta(text))
+            self._send(Delta(text, logprobs=self._take_logprobs()))
         if self.completion_tokens >= self.max_new:
             self.finish("length")
 
@@ -86,7 +119,13 @@ class Request:
             reason = "stop" if hit else reason
         if self.on_finish is not None:
             self.on_finish(self)
-        self._send(Delta(text, reason, len(self.prompt_ids), self.completion_tokens))
+        self._send(Delta(text, reason, len(self.prompt_ids), self.completion_tokens, self._take_logprobs()))
+
+    def _take_logprobs(self) -> list[dict] | None:
+        if not self.params.logprobs:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
@@ -111,7 +150,13 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, requests: list[Request], pads: list[int], device: torch.device) -> None:
         params = [r.params for r in requests]
+        self.requests = requests
         self.pads = pads
+        self.width = len(requests[0].prompt_ids) + pads[0]  # generated tokens start at this column
+        self.presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+        self.any_counted = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.biased = [i for i, p in enumerate(params) if p.logit_bias]
         self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         self.sampled = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -119,15 +164,81 @@ class RowSampler(LogitsProcessor):
         self.generators = {i: _generator(params[i].seed, device) for i in self.sampled}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raw = scores
         if self.any_penalty:
             scores = self._penalize(input_ids, scores)
+        if self.any_counted:
+            scores = self._presence_frequency(input_ids, scores)
+        if self.biased:
+            scores = self._bias(scores)
+        scores = self._constrain(scores)
         choice = scores.argmax(dim=-1)
         for i in self.sampled:
             p = self.params[i]
             probs = _top_p(torch.softmax(scores[i].float() / p.temperature, dim=-1), p.top_p)
             choice[i] = torch.multinomial(probs, 1, generator=self.generators[i])[0]
+        self._after_choice(raw, choice)
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, choice.unsqueeze(1), 0.0)
+
+    def _presence_frequency(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # OpenAI's rule, on the reply's tokens only: logit -= count * frequency + (count > 0) * presence
+        generated = input_ids[:, self.width:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+    def _bias(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for i in self.biased:
+            for token, value in self.params[i].logit_bias.items():
+                if token < scores.shape[1]:
+                    scores[i, token] += value
+        return scores
+
+    def _constrain(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Rows with a grammar (response_format json) keep only the tokens it allows next."""
+        from sage_ray.serve.engines.grammar import allowed_tokens
+
+        rows = [i for i, r in enumerate(self.requests) if r.matcher is not None and not r.done]
+        if not rows:
+            return scores
+        scores = scores.clone()
+        for i in rows:
+            allowed = allowed_tokens(self.requests[i].matcher, scores.shape[1]).to(scores.device)
+            if not allowed.any():
+                self.requests[i].fail(EngineError(f"constrained decoding is stuck: {self.requests[i].matcher.get_error()}"))
+                continue
+            scores[i] = scores[i].masked_fill(~allowed, float("-inf"))
+        return scores
+
+    def _after_choice(self, raw: torch.FloatTensor, choice: torch.LongTensor) -> None:
+        """Advance each row's grammar by its token; record the token's logprobs where asked."""
+        for i, request in enumerate(self.requests):
+            if request.done:
+                continue
+            token = int(choice[i])
+            if request.matcher is not None:
+                request.matcher.consume_token(token)
+            if request.params.logprobs:
+                request.step_logprobs = _logprob_entry(request, raw[i], token)
+
+
+def _logprob_entry(request: Request, logits: torch.FloatTensor, token: int) -> dict:
+    """OpenAI's logprobs entry of `token`, from the model's raw distribution (as vLLM's default)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    decode = request.decoder.tokenizer.decode
+
+    def item(token_id: int, value: float) -> dict:
+        return {"token": decode([token_id]), "logprob": value, "bytes": list(request.token_bytes(token_id))}
+
+    entry = item(token, float(logprobs[token]))
+    top = request.params.top_logprobs
+    if top:
+        values, ids = logprobs.topk(top)
+        entry["top_logprobs"] = [item(int(t), float(v)) for v, t in zip(values, ids)]
+    else:
+        entry["top_logprobs"] = []
+    return entry
 
     def _penalize(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # Same rule as transformers' RepetitionPenaltyLogitsProcessor, but per row and
