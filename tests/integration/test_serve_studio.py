@@ -242,7 +242,7 @@ def test_api_key_protects_the_api(ray_cluster):
 
     settings = StudioSettings(sage_home=str(ray_cluster.sage_home), model="tiny", ui=False, api_key="s3cret")
     assert "s3cret" not in settings.model_dump_json()  # the Serve config (on the dashboard) holds only a hash
-    with TestClient(build_asgi_app(StudioService(settings))) as client:
+    with TestClient(build_asgi_app(StudioService(settings)), base_url="http://127.0.0.1") as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/api/finetune/tasks", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.post("/v1/chat/completions", json={}).status_code == 401
