@@ -202,9 +202,10 @@ class StudioService:
         values = {k: v for k, v in dict(request).items() if v is not None and v != ""}
         values.setdefault("model", self.settings.model)
         cfg = parse_train_config(values, source="request")
-        if cfg.data and not within_roots(Path(cfg.data).expanduser(), self.settings.roots()):
-            raise ServiceError(403, f"dataset {cfg.data!r} is outside the Studio's folders; "
-                                    "upload it with POST /api/finetune/upload-dataset")
+        for field, path in (("data", cfg.data), ("val_data", cfg.val_data)):
+            if path and not within_roots(Path(path).expanduser(), self.settings.roots()):
+                raise ServiceError(403, f"field {field!r}: dataset {path!r} is outside the Studio's folders; "
+                                        "upload it with POST /api/finetune/upload-dataset")
         return cfg.model_copy(update={"model": self._base_to_train(cfg.model)})
 
     def _base_to_train(self, ref: str) -> str:
