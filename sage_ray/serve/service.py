@@ -102,9 +102,19 @@ class StudioService:
                 "base_model": record.get("base_model") or active.get("base_path"),
                 "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
 
-    def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S) -> dict[str, Any]:
+    def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S, *, who: str | None = None,
+                     action: str = "switch", figures: dict[str, Any] | None = None) -> dict[str, Any]:
         """Declare `ref` as the served model (every replica reconfigures in place) and wait until
-        it answers. A model that fails to load leaves the old one serving: 422 with the error."""
+        it answers. A model that fails to load leaves the old one serving: 422 with the error.
+        A switch that happens is recorded (who, from, to, `figures`), so rollback can undo it."""
+        current = self.current_model()
+        # what rollback will ask for: the registry name, else the folder (an unregistered path)
+        before = current["name"] if self.registry.get_artifact(current["name"]) else current.get("path") or current["name"]
+        answer = self._switch(ref, wait_s)
+        self.registry.record_switch(action, answer["model"]["name"], from_model=before, who=who, figures=figures)
+        return answer
+
+    def _switch(self, ref: str, wait_s: float) -> dict[str, Any]:
         try:
             artifact = self.registry.artifact(ref)
             spec_of(artifact, fetch=False, roots=self.settings.roots())  # its folder (an adapter's base too) or its shared copy is there
