@@ -30,7 +30,7 @@ class Promotion:
 
     def served(self) -> str:
         """What is served now (or declared to be, or the Studio's default model)."""
-        return self.service.current_model()["name"]
+        return self.service.served_ref()
 
     def compare(self, task_id: str, against: str | None = None, prompts: str | None = None,
                 limit: int = comparison.MAX_EXAMPLES) -> dict[str, Any]:

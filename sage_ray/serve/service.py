@@ -102,14 +102,17 @@ class StudioService:
                 "base_model": record.get("base_model") or active.get("base_path"),
                 "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
 
+    def served_ref(self) -> str:
+        """The served model as a reference that finds it again: its registry name, else its folder."""
+        current = self.current_model()
+        return current["name"] if self.registry.get_artifact(current["name"]) else current.get("path") or current["name"]
+
     def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S, *, who: str | None = None,
                      action: str = "switch", figures: dict[str, Any] | None = None) -> dict[str, Any]:
         """Declare `ref` as the served model (every replica reconfigures in place) and wait until
         it answers. A model that fails to load leaves the old one serving: 422 with the error.
         A switch that happens is recorded (who, from, to, `figures`), so rollback can undo it."""
-        current = self.current_model()
-        # what rollback will ask for: the registry name, else the folder (an unregistered path)
-        before = current["name"] if self.registry.get_artifact(current["name"]) else current.get("path") or current["name"]
+        before = self.served_ref()
         answer = self._switch(ref, wait_s)
         self.registry.record_switch(action, answer["model"]["name"], from_model=before, who=who, figures=figures)
         return answer

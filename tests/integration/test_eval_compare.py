@@ -107,7 +107,7 @@ def test_compare_a_finetune_with_its_base_on_held_out_records(ray_cluster, tiny_
     summary = result["summary"]
     assert summary["candidate"]["mean_loss"] < summary["against"]["mean_loss"] - 0.5, summary
     refused = studio.post("/api/finetune/tasks/eval-learned/compare", json={"limt": 3})
-    assert refused.status_code == 422 and "limt" in refused.text  # a misspelt field is named, not ignored
+    assert refused.status_code == 400 and "limt" in refused.text  # a misspelt field is named, not ignored
 
 
 def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, tiny_model_dir, topic_data, studio,
