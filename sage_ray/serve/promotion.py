@@ -59,7 +59,7 @@ class Promotion:
         if require_better:
             task_id = self._task_of(ref)
             result = self.compare(task_id, against=before, prompts=prompts)
-            figures = {"against": result["against"], **result["summary"]}
+            figures = {**result["summary"], "models": {"candidate": result["candidate"], "against": result["against"]}}
             if not comparison.is_better(result):
                 mine, theirs = figures["candidate"]["mean_loss"], figures["against"]["mean_loss"]
                 raise ServiceError(409, f"not switched: {ref!r} has held-out loss {mine} against {theirs} for the "

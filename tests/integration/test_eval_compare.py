@@ -125,7 +125,7 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     refused = studio.post("/api/finetune/switch-model", json={"model_path": "eval-wrong", "require_better": True})
     assert refused.status_code == 409, refused.text
     figures = refused.json()["error"]["comparison"]
-    assert figures["candidate"]["mean_loss"] > figures["against"]["mean_loss"] and figures["against"] == "eval-learned"
+    assert figures["candidate"]["mean_loss"] > figures["against"]["mean_loss"] and figures["models"]["against"] == "eval-learned"
     assert studio.get("/api/finetune/current-model").json()["name"] == "eval-learned"  # the old model keeps serving
     reply = studio.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert reply.status_code == 200 and reply.json()["model"] == "eval-learned"
