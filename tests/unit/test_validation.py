@@ -108,3 +108,34 @@ def test_loss_frame_draws_smoothed_train_loss_and_eval_loss():
     assert series["eval loss"] == [2.2, 1.4]
     smoothed = series["loss (smoothed)"]
     assert smoothed[0] == pytest.approx(3.0) and min(series["loss"]) < smoothed[-1] < max(series["loss"])
+
+
+def test_compare_takes_the_last_reply_as_reference_and_sums_up_per_model(tmp_path):
+    import json
+
+    from sage_ray.comparison import CompareError, cases, held_out_examples, is_better, summarise
+    from sage_ray.data import load_dataset
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(60)))
+    examples = load_dataset(data).examples
+    pairs = cases(examples, limit=3)
+    assert pairs[0] == ([{"role": "user", "content": "q0"}], "a0") and len(pairs) == 3
+    meta = {"task_id": "t", "config": {"data": str(data), "validation_split": 0.1, "seed": 42}}
+    held = held_out_examples(meta)
+    assert held == split_records(examples, 0.1, 42)[1] and len(held) == 6  # what training held out
+    with pytest.raises(CompareError, match="held nothing out"):
+        held_out_examples({"task_id": "t", "config": {"data": str(data), "validation_split": 0.0}})
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "just text"}) + "\n")
+    with pytest.raises(CompareError, match="final assistant reply"):
+        cases(load_dataset(text).examples, limit=3)
+
+    score = lambda loss, tokens, hit: {"loss": loss, "tokens": tokens, "exact_match": hit,  # noqa: E731
+                                       "contains_reference": hit}
+    rows = [{"candidate": score(1.0, 10, True), "against": score(2.0, 10, False)},
+            {"candidate": score(3.0, 30, False), "against": score(2.0, 30, False)}]
+    assert summarise(rows, "candidate") == {"mean_loss": 2.5, "exact_match": 0.5, "contains_reference": 0.5}
+    assert summarise(rows, "against")["mean_loss"] == 2.0
+    result = {"summary": {"candidate": summarise(rows, "candidate"), "against": summarise(rows, "against")}}
+    assert not is_better(result)
