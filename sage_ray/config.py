@@ -51,6 +51,9 @@ class TrainConfig(_Strict):
     task: TaskType = Field("custom", description="Kind of task (code, qa, chat, instruction, custom); informational.")
     model: str = Field("demo", description="Base model: a local folder, a hub id, 'demo' (SmolLM2-135M-Instruct) or 'tiny'.")
     data: str | None = Field(None, description="Dataset file (JSON array or JSONL) in a supported format.")
+    val_data: str | None = Field(None, description="Validation file (same formats as data), evaluated every eval_steps; sft only.")
+    validation_split: float | None = Field(None, ge=0, lt=1, description="Fraction of data held out for evaluation; None: 10% (at most 200 records) of datasets of 50 records or more, else 0; sft only.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate on the validation set every N optimizer steps and at the end; None: about 10 times per run.")
     method: Method = Field("sft", description="Training method: sft (supervised replies), dpo or orpo (chosen/rejected pairs), kto (replies labelled true/false, or pairs).")
     beta: float | None = Field(None, gt=0, description="dpo/orpo/kto only: how strongly the preferences pull away from the base (TRL's beta); None: 0.1.")
     preset: PresetName = Field("auto", description="Memory preset; 'auto' picks by the worker's free GPU memory, else 'cpu'.")
@@ -91,6 +94,12 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "bf16 and fp16 are both true: pick one precision (bf16 on Ampere GPUs or newer, fp16 on older ones)"
             )
+        if self.val_data and self.validation_split:
+            raise ValueError(f"val_data and validation_split={self.validation_split} both pick a validation set: "
+                             "give one (a file, or a fraction of data held out)")
+        if self.method != "sft" and (self.val_data or self.validation_split):
+            raise ValueError(f"evaluation (val_data, validation_split) is for method sft only; {self.method} runs "
+                             "train without a validation set: remove val_data / validation_split")
         return self
 
     # Checks against `method` (declared before these fields, so info.data has it): the error then

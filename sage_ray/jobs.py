@@ -69,6 +69,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
     """Check what can be checked before a job exists: config, task id, dataset, queue setting.
     Returns the config with its task id and absolute dataset path; raises ConfigError / DatasetError."""
     from sage_ray.data import load_dataset
+    from sage_ray.data.split import resolve_validation
 
     try:
         cfg = name_task(cfg)
@@ -77,7 +78,10 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    load_dataset(cfg.data, method=cfg.method)
+    records = len(load_dataset(cfg.data, method=cfg.method))
+    if cfg.val_data:
+        load_dataset(cfg.val_data, method=cfg.method)
+    resolve_validation(cfg, records)  # refuses an eval_steps that would have nothing to evaluate
     return cfg
 
 

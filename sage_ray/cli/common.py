@@ -35,6 +35,8 @@ def _follow_log(path, progress: Progress, bar, stop: threading.Event) -> None:
                     _, _, text = text.partition(" ")  # drop the date and time stamp
                     if text.startswith("EVENT "):
                         event = json.loads(text[6:])
+                        if event.get("event") == "eval":
+                            continue  # its readable line ("eval at step N: ...") is printed
                         progress.update(bar, visible=True, total=event["total_steps"], completed=event["step"],
                                         loss=f"{event['loss']:.4f}", rate=event["tokens_per_s"] or "-")
                     elif not text.startswith("step "):

@@ -40,6 +40,10 @@ def start(
     task: Optional[str] = typer.Option(None, help="Kind of task: code, qa, chat, instruction or custom."),
     model: Optional[str] = typer.Option(None, help="Base model: local folder, hub id, 'demo' or 'tiny'. (default: demo)"),
     data: Optional[Path] = typer.Option(None, help="Dataset file, JSON array or JSONL."),
+    val_data: Optional[Path] = typer.Option(None, help="Validation file (sft): eval loss and token accuracy on it."),
+    validation_split: Optional[float] = typer.Option(None, help="Fraction of --data held out for evaluation (sft). "
+                                                                "(default: 0.1 of datasets of 50+ records, else 0)"),
+    eval_steps: Optional[int] = typer.Option(None, help="Evaluate every N steps and at the end (default: ~10 per run)."),
     method: Optional[str] = typer.Option(None, help="sft (supervised), dpo or orpo (chosen/rejected pairs), kto "
                                                    "(labelled replies). (default: sft)"),
     beta: Optional[float] = typer.Option(None, help="dpo/orpo/kto: preference strength (default: 0.1)."),
@@ -68,8 +72,9 @@ def start(
 
     base = load_train_config(config) if config else None
     cfg = jobs_call(build_config, base, task=task, model=model, data=str(data) if data else None,
-                    method=method, beta=beta, preset=preset, epochs=epochs, max_steps=max_steps,
-                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
+                    val_data=str(val_data) if val_data else None, validation_split=validation_split,
+                    eval_steps=eval_steps, method=method, beta=beta, preset=preset, epochs=epochs,
+                    max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
                     lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
                     save_steps=save_steps, cpus_per_worker=cpus_per_worker)
     cfg = jobs_call(jobs.prepare, cfg)  # a bad config or dataset fails before any cluster starts
@@ -228,6 +233,13 @@ def status(task_id: str = typer.Argument(..., help="Task id.")) -> None:
              f"  epoch {job.get('epoch') or 0:.2f}  loss {job.get('loss') if job.get('loss') is not None else '-'}"
              f"  tokens/s {job.get('tokens_per_s') or '-'}",
              f"log: {job.get('log_path')}"]
+    evals = job.get("eval_history") or []
+    if evals:
+        step, loss, accuracy = evals[-1]
+        best = min(evals, key=lambda point: point[1])
+        lines.insert(2, f"eval loss {loss:.4f} at step {step}"
+                        + (f"  token accuracy {accuracy:.4f}" if accuracy is not None else "")
+                        + f"  (best {best[1]:.4f} at step {best[0]}; {len(evals)} evaluations)")
     if job.get("error"):
         lines.append(f"[red]error:[/] {job['error']}")
     for artifact in registry.list_artifacts(task_id=task_id):

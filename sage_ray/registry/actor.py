@@ -21,8 +21,8 @@ from sage_ray.registry import taskfiles
 from sage_ray.registry.discovery import discover
 from sage_ray.registry.queue import SlotQueue, ray_cluster_state
 from sage_ray.registry.status import RESUMABLE, TERMINAL
-from sage_ray.registry.store import ( ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
-                                     RegistryStore)
+from sage_ray.registry.store import (ArtifactRecord, InUseError, JobRecord, NotFoundError, RegistryError,
+                                     RegistryStore, SwitchRecord)
 
 ACTOR_NAME = "sage_registry"
 NAMESPACE = "sage"
@@ -131,6 +131,12 @@ class RegistryActor:
 
     def set_active_model(self, name_or_path: str | None) -> None:
         self.store.set_active_model(name_or_path)
+
+    def record_switch(self, action: str, to_model: str, **fields: Any) -> SwitchRecord:
+        return self.store.record_switch(action, to_model, **fields)
+
+    def list_switches(self, limit: int = 50) -> list[SwitchRecord]:
+        return self.store.list_switches(limit)
 
     # The queue and the task folders (on the head node's disk, where this actor runs).
 

@@ -21,7 +21,7 @@ from sage_ray.paths import sage_home as default_sage_home
 from sage_ray.registry import taskfiles
 from sage_ray.registry.actor import DB_NAME, RegistryActor
 from sage_ray.registry.discovery import discover
-from sage_ray.registry.store import ArtifactRecord, JobRecord, JobStatus, RegistryStore
+from sage_ray.registry.store import ArtifactRecord, JobRecord, JobStatus, RegistryStore, SwitchRecord
 
 
 class RegistryClient:
@@ -127,6 +127,14 @@ class RegistryClient:
     def get_active_model(self) -> str | None:
         return self._call(RegistryActor.get_active_model)
 
+    def record_switch(self, action: str, to_model: str, *, from_model: str | None = None, who: str | None = None,
+                      figures: dict[str, Any] | None = None) -> SwitchRecord:
+        return self._call(RegistryActor.record_switch, action, to_model, from_model=from_model, who=who,
+                          figures=figures)
+
+    def list_switches(self, limit: int = 50) -> list[SwitchRecord]:
+        return self._call(RegistryActor.list_switches, limit)
+
     def set_serving(self, state: dict[str, Any]):
         """Fire and forget: nobody waits on the serving record."""
         return self._send(RegistryActor.set_serving, state)
@@ -193,6 +201,9 @@ class ReadOnlyRegistry:
 
     def get_serving(self) -> dict[str, Any] | None:
         return self.store.get_serving() if self.store else None
+
+    def list_switches(self, limit: int = 50) -> list[SwitchRecord]:
+        return self.store.list_switches(limit) if self.store else []
 
     def tail_log(self, task_id: str, lines: int | None = None) -> str:
         return taskfiles.read_tail(taskfiles.task_paths(self.sage_home, task_id).train_log, lines)

@@ -15,11 +15,13 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Iterator, Literal, TypedDict
+from typing import Any, Collection, Iterator
 
 from sage_ray.errors import (AlreadyExistsError, InUseError, NotFoundError,  # noqa: F401 (re-exported)
                              RegistryError, RegistryValueError)
 from sage_ray.models import BUILTIN, DEMO_NAME, TINY_NAME
+from sage_ray.registry.schema import (ARTIFACT_FIELDS, JOB_MUTABLE, JSON_FIELDS, MIGRATIONS, SCHEMA,  # noqa: F401
+                                      ArtifactRecord, JobRecord, SwitchRecord)
 from sage_ray.registry.status import RUNNING, STATUSES, TERMINAL, JobStatus  # noqa: F401 (re-exported)
 
 KINDS = ("base", "lora", "merged")
@@ -29,58 +31,6 @@ SERVING_KEY = "serving"
 BUSY_TIMEOUT_MS = 30_000
 
 
-class ArtifactRecord(TypedDict, total=False):
-    name: str  # unique: what users pick a model by
-    kind: Literal["base", "lora", "merged"]
-    path: str
-    uri: str | None  # its shared copy (SAGE_STORAGE), which a node without `path` fetches
-    base_model: str | None
-    task_id: str | None
-    created_at: str
-    size_bytes: int | None
-    chat_template: Literal["model", "default"] | None  # the model's own template, or ours
-    lora_rank: int | None
-    target_modules: list[str] | str | None
-    metrics: dict[str, Any] | None
-
-
-class JobRecord(TypedDict, total=False):
-    task_id: str
-    ray_job_id: str | None
-    config: dict[str, Any] | None
-    status: str  # one of STATUSES
-    status_detail: str | None  # e.g. "waiting for resources"
-    progress: float  # 0-100
-    epoch: float | None
-    step: int | None
-    total_steps: int | None
-    loss: float | None
-    loss_history: list[list]  # [[step, loss] or [step, loss, {metric: value}], ...], steps increasing
-    tokens_per_s: float | None
-    eta_s: float | None
-    error: str | None
-    log_path: str | None
-    created_at: str
-    queued_at: str | None  # when it last entered the queue: waiting jobs start in this order
-    started_at: str | None
-    finished_at: str | None
-
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
-        base_model TEXT, task_id TEXT, created_at TEXT NOT NULL, size_bytes INTEGER, chat_template TEXT,
-        lora_rank INTEGER, target_modules TEXT, metrics TEXT, uri TEXT)""",
-    "CREATE INDEX IF NOT EXISTS artifacts_task ON artifacts (task_id)",
-    """CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, ray_job_id TEXT, config TEXT,
-        status TEXT NOT NULL, status_detail TEXT, progress REAL NOT NULL DEFAULT 0, epoch REAL, step INTEGER,
-        total_steps INTEGER, loss REAL, loss_history TEXT NOT NULL DEFAULT '[]', tokens_per_s REAL, eta_s REAL,
-        error TEXT, log_path TEXT, created_at TEXT NOT NULL, queued_at TEXT, started_at TEXT, finished_at TEXT)""",
-    "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)",
-    "PRAGMA user_version = 1",  # the schema's version, for later migrations
-)
-ARTIFACT_FIELDS = frozenset(ArtifactRecord.__annotations__)
-JOB_MUTABLE = frozenset(JobRecord.__annotations__) - {"task_id", "created_at"}
-JSON_FIELDS = frozenset({"target_modules", "metrics", "config", "loss_history"})
 PROGRESS_FIELDS = ("total_steps", "epoch", "progress", "loss", "tokens_per_s", "eta_s")
 _MERGED_FIRST = "CASE kind WHEN 'merged' THEN 0 WHEN 'lora' THEN 1 ELSE 2 END"
 _NOT_TERMINAL = f"status NOT IN ({', '.join(repr(str(s)) for s in sorted(TERMINAL))})"
@@ -135,9 +85,9 @@ class RegistryStore:
             for statement in SCHEMA:
                 conn.execute(statement)
             # stores written before the queue and shared storage existed: add their columns in place
-            for table, column in (("jobs", "queued_at"), ("artifacts", "uri")):
+            for table, column, kind in MIGRATIONS:
                 if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def __reduce__(self):  # a copy sent to another process opens its own connections
         return (_reopen, (type(self), str(self.db_path), self.read_only))
@@ -284,6 +234,8 @@ class RegistryStore:
         step = event.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise RegistryValueError(f"a progress event needs an integer 'step', got {step!r}")
+        if event.get("event") == "eval":
+            return self._report_eval(task_id, step, event)
         values = {k: event[k] for k in PROGRESS_FIELDS if k in event}
         if values.get("progress") is not None:
             values["progress"] = min(100.0, max(0.0, float(values["progress"])))
@@ -305,6 +257,23 @@ class RegistryStore:
                 raise NotFoundError(f"no job with task id {task_id!r} to report progress to; create_job first")
             return False
 
+    def _report_eval(self, task_id: str, step: int, event: dict[str, Any]) -> bool:
+        """Append [step, eval loss, token accuracy] to eval_history unless its step is not past
+        the last evaluation's (a repeated report) or the job has finished."""
+        loss = event.get("eval_loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            raise RegistryValueError(f"an eval event needs a number 'eval_loss', got {loss!r}")
+        point = json.dumps([step, loss, event.get("eval_token_accuracy")])
+        sql = ("UPDATE jobs SET eval_history = json_insert(eval_history, '$[#]', json(?)) "
+               f"WHERE task_id = ? AND {_NOT_TERMINAL} "
+               "AND COALESCE(json_extract(eval_history, '$[#-1][0]') < ?, 1)")
+        with self._write() as conn:
+            if conn.execute(sql, [point, task_id, step]).rowcount:
+                return True
+            if self._one(conn, "jobs", "task_id", task_id) is None:
+                raise NotFoundError(f"no job with task id {task_id!r} to report an evaluation to")
+            return False
+
     def rewind_progress(self, task_id: str, step: int) -> JobRecord:
         """Set a job back to `step` (resuming from a checkpoint) and drop the loss history after
         it, so that the resumed run's reports are accepted again."""
@@ -313,9 +282,11 @@ class RegistryStore:
             if job is None:
                 raise NotFoundError(f"no job with task id {task_id!r}")
             history = [point for point in job["loss_history"] if point[0] <= step]
+            evals = [point for point in job["eval_history"] if point[0] <= step]
             total = job["total_steps"]
-            conn.execute("UPDATE jobs SET step = ?, loss_history = ?, loss = ?, progress = ? WHERE task_id = ?",
-                         (step, json.dumps(history), history[-1][1] if history else None,
+            conn.execute("UPDATE jobs SET step = ?, loss_history = ?, eval_history = ?, loss = ?, progress = ? "
+                         "WHERE task_id = ?",
+                         (step, json.dumps(history), json.dumps(evals), history[-1][1] if history else None,
                           min(100.0, 100.0 * step / total) if total else 0.0, task_id))
             return self._one(conn, "jobs", "task_id", task_id)
 
@@ -370,6 +341,22 @@ class RegistryStore:
     def get_serving(self) -> dict[str, Any] | None:
         """The LLM service's last recorded state, or None before it ever reported."""
         return self._setting(self._conn(), SERVING_KEY)
+
+    def record_switch(self, action: str, to_model: str, *, from_model: str | None = None, who: str | None = None,
+                      figures: dict[str, Any] | None = None) -> SwitchRecord:
+        """Remember one change of the served model (a switch or a rollback), stamped now."""
+        _check_choice(action, ("switch", "rollback"), "action")
+        row = {"at": now_precise(), "who": who, "action": action, "from_model": from_model, "to_model": to_model,
+               "figures": figures}
+        with self._write() as conn:
+            cursor = conn.execute(f"INSERT INTO switches ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                  [_encode(k, v) for k, v in row.items()])
+            return self._one(conn, "switches", "id", cursor.lastrowid)
+
+    def list_switches(self, limit: int = 50) -> list[SwitchRecord]:
+        """The latest changes of the served model, newest first."""
+        rows = self._conn().execute("SELECT * FROM switches ORDER BY id DESC LIMIT ?", (limit,))
+        return [_decode(r) for r in rows]
 
     @staticmethod
     def _setting(conn: sqlite3.Connection, key: str) -> Any:

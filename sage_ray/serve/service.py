@@ -102,9 +102,22 @@ class StudioService:
                 "base_model": record.get("base_model") or active.get("base_path"),
                 "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
 
-    def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S) -> dict[str, Any]:
+    def served_ref(self) -> str:
+        """The served model as a reference that finds it again: its registry name, else its folder."""
+        current = self.current_model()
+        return current["name"] if self.registry.get_artifact(current["name"]) else current.get("path") or current["name"]
+
+    def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S, *, who: str | None = None,
+                     action: str = "switch", figures: dict[str, Any] | None = None) -> dict[str, Any]:
         """Declare `ref` as the served model (every replica reconfigures in place) and wait until
-        it answers. A model that fails to load leaves the old one serving: 422 with the error."""
+        it answers. A model that fails to load leaves the old one serving: 422 with the error.
+        A switch that happens is recorded (who, from, to, `figures`), so rollback can undo it."""
+        before = self.served_ref()
+        answer = self._switch(ref, wait_s)
+        self.registry.record_switch(action, answer["model"]["name"], from_model=before, who=who, figures=figures)
+        return answer
+
+    def _switch(self, ref: str, wait_s: float) -> dict[str, Any]:
         try:
             artifact = self.registry.artifact(ref)
             spec_of(artifact, fetch=False, roots=self.settings.roots())  # its folder (an adapter's base too) or its shared copy is there
@@ -202,9 +215,10 @@ class StudioService:
         values = {k: v for k, v in dict(request).items() if v is not None and v != ""}
         values.setdefault("model", self.settings.model)
         cfg = parse_train_config(values, source="request")
-        if cfg.data and not within_roots(Path(cfg.data).expanduser(), self.settings.roots()):
-            raise ServiceError(403, f"dataset {cfg.data!r} is outside the Studio's folders; "
-                                    "upload it with POST /api/finetune/upload-dataset")
+        for field, path in (("data", cfg.data), ("val_data", cfg.val_data)):
+            if path and not within_roots(Path(path).expanduser(), self.settings.roots()):
+                raise ServiceError(403, f"field {field!r}: dataset {path!r} is outside the Studio's folders; "
+                                        "upload it with POST /api/finetune/upload-dataset")
         return cfg.model_copy(update={"model": self._base_to_train(cfg.model)})
 
     def _base_to_train(self, ref: str) -> str:

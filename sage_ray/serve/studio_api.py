@@ -8,19 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, File, Query, UploadFile
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Body, File, Query, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
 
+from sage_ray.comparison import MAX_EXAMPLES
+from sage_ray.serve.promotion import Promotion
 from sage_ray.serve.service import ServiceError
 
 
 class SwitchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_path: str
+    require_better: bool = Field(False, description="Switch only if the model's held-out loss beats the served one's (409 if not).")
+    prompts: str | None = Field(None, description="require_better: judge on this dataset file instead of the task's held-out set.")
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    against: str | None = Field(None, description="The model to compare with (default: the served one).")
+    prompts: str | None = Field(None, description="A dataset file (inside the Studio's folders) instead of the task's held-out set.")
+    limit: int = Field(MAX_EXAMPLES, ge=1, le=1000, description="At most this many examples.")
+
+
+def who(request: Request) -> str:
+    """Who asked, for the switch history: a name the client gives, else its address."""
+    return request.headers.get("x-sage-user") or (request.client.host if request.client else "unknown")
 
 
 def build_studio_router(service) -> APIRouter:
     router = APIRouter(prefix="/api/finetune", tags=["Studio"])
+    promotion = Promotion(service)
 
     @router.get("/models")
     def models() -> list[dict[str, Any]]:
@@ -31,12 +48,28 @@ def build_studio_router(service) -> APIRouter:
         return service.current_model()
 
     @router.post("/switch-model")
-    def switch_model(model_path: str | None = Query(None, description="A path, a task id or a registry name."),
+    def switch_model(request: Request,
+                     model_path: str | None = Query(None, description="A path, a task id or a registry name."),
+                     require_better: bool = Query(False, description="Switch only if it beats the served model."),
                      body: SwitchRequest | None = Body(None)) -> dict[str, Any]:
         ref = model_path or (body.model_path if body else None)
         if not ref:
             raise ServiceError(400, "say which model: ?model_path=... or a JSON body {\"model_path\": ...}")
-        return service.switch_model(ref)
+        return promotion.switch(ref, require_better=require_better or bool(body and body.require_better),
+                                prompts=body.prompts if body else None, who=who(request))
+
+    @router.post("/rollback")
+    def rollback(request: Request) -> dict[str, Any]:
+        return promotion.rollback(who=who(request))
+
+    @router.get("/switches")
+    def switches(limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
+        return promotion.history(limit)
+
+    @router.post("/tasks/{task_id}/compare")
+    def compare(task_id: str, body: CompareRequest | None = Body(None)) -> dict[str, Any]:
+        body = body or CompareRequest()
+        return promotion.compare(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
 
     @router.post("/upload-dataset")
     def upload_dataset(file: UploadFile = File(..., description="A JSON array or JSONL dataset.")) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from sage_ray.registry.taskfiles import append_log
+from sage_ray.train.evaluation import eval_event
 from sage_ray.train.preference import ALL_METRICS
 
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -57,6 +58,8 @@ class ProgressCallback(TrainerCallback):
         self.loss_history: list[tuple[int, float]] = []
         self.last_metrics: dict[str, float] = {}
         """The latest preference metrics (reward accuracy, margins...; empty for SFT)."""
+        self.eval_history: list[list] = []
+        """[[step, eval loss, token accuracy or None], ...] of every evaluation."""
         self._t0: float | None = None
         self._tokens0 = 0
         self.steady_tokens_per_s: float | None = None
@@ -70,6 +73,16 @@ class ProgressCallback(TrainerCallback):
             return None
         elapsed = time.perf_counter() - self._t0
         return (state.num_input_tokens_seen - self._tokens0) / elapsed if elapsed > 0 else None
+
+    def evaluated_at(self, step: int) -> bool:
+        return bool(self.eval_history) and self.eval_history[-1][0] == step
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        event = eval_event(metrics or {}, state.global_step)
+        if not state.is_world_process_zero or event is None or self.evaluated_at(state.global_step):
+            return
+        self.eval_history.append([event["step"], event["eval_loss"], event.get("eval_token_accuracy")])
+        self.sink(event)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -99,6 +112,11 @@ class LogSink:
         self.log = log
 
     def __call__(self, event: dict) -> None:
+        if event.get("event") == "eval":
+            accuracy = event.get("eval_token_accuracy")
+            self.log(f"eval at step {event['step']}: eval loss {event['eval_loss']:.4f}"
+                     + (f" token accuracy {accuracy:.4f}" if accuracy is not None else ""), event)
+            return
         line = (
             f"step {event['step']}/{event['total_steps']} ({event['progress']:.0f}%) "
             f"epoch {event['epoch']:.2f} loss {event['loss']:.4f} "

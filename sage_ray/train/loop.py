@@ -20,9 +20,11 @@ from torch.utils.data import Dataset as TorchDataset
 
 from sage_ray.config import TrainConfig
 from sage_ray.data import load_dataset
+from sage_ray.data.split import split_records
 from sage_ray.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_examples
 from sage_ray.paths import TaskPaths
 from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
+from sage_ray.train.evaluation import argmax_logits, eval_kwargs, final_eval, token_accuracy
 from sage_ray.train.preference import preference_trainer, prepare_preference_data
 from sage_ray.train.publish import local_dataset, publish_run
 from sage_ray.train.tracking import FanOut, RegistrySink, TaskLog
@@ -82,12 +84,6 @@ def make_collator(tokenizer, cfg: TrainConfig):
                                   label_pad_token_id=IGNORE_INDEX)
 
 
-def training_arguments(cfg: TrainConfig, output_dir: str, on_gpu: bool):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(**training_kwargs(cfg, output_dir, on_gpu))
-
-
 def training_kwargs(cfg: TrainConfig, output_dir: str, on_gpu: bool) -> dict[str, Any]:
     """The TrainingArguments of every method (TRL's configs extend them)."""
     return dict(
@@ -122,20 +118,28 @@ def training_kwargs(cfg: TrainConfig, output_dir: str, on_gpu: bool) -> dict[str
 
 
 def prepare_data(cfg: TrainConfig, tokenizer):
-    """Load, tokenise and describe the dataset (each worker does this; it is cheap)."""
+    """Load, split, tokenise and describe the dataset (each worker does this; it is cheap):
+    (dataset, train items, validation items, stats)."""
     dataset = load_dataset(local_dataset(cfg.data))
-    items, stats = tokenize_examples(tokenizer, dataset.examples, max_length=cfg.max_length,
+    train, held_out = split_records(dataset.examples, cfg.validation_split or 0.0, cfg.seed)
+    if cfg.val_data:
+        held_out = load_dataset(local_dataset(cfg.val_data)).examples
+    items, stats = tokenize_examples(tokenizer, train, max_length=cfg.max_length,
                                      train_on_prompt=cfg.train_on_prompt)
     if not items:
         raise ValueError(f"{cfg.data}: no example has an assistant token left after truncation to "
                          f"max_length={cfg.max_length}; raise max_length")
-    return dataset, [{"input_ids": i.input_ids, "labels": i.labels} for i in items], stats
+    val_items, _ = tokenize_examples(tokenizer, held_out, max_length=cfg.max_length,
+                                     train_on_prompt=cfg.train_on_prompt)
+    stats = {**stats.as_dict(), "validation_records": len(val_items)}
+    as_rows = lambda tokenized: [{"input_ids": i.input_ids, "labels": i.labels} for i in tokenized]  # noqa: E731
+    return dataset, as_rows(items), as_rows(val_items), stats
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: `loop_config` = {config, model_dir, task_dir, sage_home}."""
     import ray.train
-    from transformers import Trainer
+    from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     cfg = TrainConfig.model_validate(loop_config["config"])
@@ -148,9 +152,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # only the first worker writes the log (TaskLog: the file, or the head's copy from another node)
     log = TaskLog.for_worker(paths, loop_config["sage_home"]) if rank0 else TaskLog(paths)
     tokenizer = load_tokenizer(loop_config["model_dir"])
+    val_items: list[dict] = []
     if cfg.method == "sft":
-        dataset, items, stats = prepare_data(cfg, tokenizer)
-        stats = stats.as_dict()
+        dataset, items, val_items, stats = prepare_data(cfg, tokenizer)
     else:
         dataset, items, stats = prepare_preference_data(cfg)
     if rank0:
@@ -160,9 +164,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"], log)
     with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
         if cfg.method == "sft":
-            trainer = Trainer(model=model, args=training_arguments(cfg, output_dir, on_gpu),
-                              train_dataset=_ListDataset(items), data_collator=make_collator(tokenizer, cfg),
-                              processing_class=tokenizer, callbacks=callbacks)
+            args = training_kwargs(cfg, output_dir, on_gpu)
+            if val_items:
+                args.update(eval_kwargs(cfg.eval_steps, cfg.batch_size))
+            trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=_ListDataset(items),
+                              eval_dataset=_ListDataset(val_items) if val_items else None,
+                              data_collator=make_collator(tokenizer, cfg), processing_class=tokenizer,
+                              callbacks=callbacks, compute_metrics=token_accuracy if val_items else None,
+                              preprocess_logits_for_metrics=argmax_logits if val_items else None)
         else:
             trainer = preference_trainer(cfg, model, tokenizer, items, training_kwargs(cfg, output_dir, on_gpu),
                                          callbacks, log if rank0 else None)
@@ -176,6 +185,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         elapsed = time.perf_counter() - started
+        if val_items and not progress.evaluated_at(trainer.state.global_step):
+            trainer.evaluate()  # the final figures, unless the last step was an eval step already
 
     if rank0:
         # only the trained adapter: DPO/KTO add a frozen "ref" copy that serving must not load
@@ -219,4 +230,6 @@ def run_figures(trainer, output, progress: ProgressCallback, elapsed: float) -> 
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
         "steady_tokens_per_s": progress.steady_tokens_per_s,
         **({"final_metrics": progress.last_metrics} if progress.last_metrics else {}),
+        **({"eval_history": progress.eval_history, **final_eval(progress.eval_history)}
+           if progress.eval_history else {}),
     }

@@ -15,6 +15,9 @@ from sage_ray.registry.status import JobStatus
 from sage_ray.train.publish import artifact_uri
 
 
+OPTIONAL_METRICS = ("final_metrics", "eval_loss", "eval_token_accuracy", "best_eval_loss", "best_eval_step")
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Readers never see a half-written file: write beside it, then rename."""
     tmp = path.with_name(path.name + ".tmp")
@@ -54,9 +57,12 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
         "dataset": result.get("dataset"),
         "metrics": {key: result.get(key) for key in (
             "train_loss", "final_loss", "steps", "epochs", "train_seconds", "tokens_seen",
-            "tokens_per_s", "steady_tokens_per_s", "workers", "device", "final_metrics")
-            if key != "final_metrics" or key in result},  # final_metrics: a preference run's rewards
+            "tokens_per_s", "steady_tokens_per_s", "workers", "device", "final_metrics", "eval_loss",
+            "eval_token_accuracy", "best_eval_loss", "best_eval_step")
+            # final_metrics: a preference run's rewards; eval figures: a run with a validation set
+            if key in result or key not in OPTIONAL_METRICS},
         "loss_history": result.get("loss_history", []),
+        "eval_history": result.get("eval_history", []),
         "device": device,
         "memory_estimate_gib": round(memory_estimate_gib, 3),
     }

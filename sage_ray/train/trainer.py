@@ -16,6 +16,7 @@ from typing import Any
 from sage_ray import cluster, storage
 from sage_ray.config import ConfigError, TrainConfig, dump_train_config
 from sage_ray.data import load_dataset
+from sage_ray.data.split import resolve_validation
 from sage_ray.errors import SageError
 from sage_ray.models import resolve_model
 from sage_ray.paths import TaskPaths, sage_home
@@ -69,7 +70,8 @@ def name_task(cfg: TrainConfig) -> tuple[TrainConfig, TaskPaths]:
     if not cfg.data:
         raise ConfigError("field 'data': no dataset given; pass --data FILE (JSON or JSONL)")
     cfg = cfg.model_copy(update={"name": cfg.name or new_task_id(cfg.task),
-                                 "data": str(Path(cfg.data).expanduser().resolve())})
+                                 "data": str(Path(cfg.data).expanduser().resolve()),
+                                 "val_data": str(Path(cfg.val_data).expanduser().resolve()) if cfg.val_data else None})
     paths = TaskPaths(cfg.name)
     if paths.meta.exists():
         raise ConfigError(f"task {cfg.name!r} already completed in {paths.dir}; choose another --name or delete it")
@@ -128,7 +130,8 @@ def run_trainer(cfg: TrainConfig, paths: TaskPaths, model_dir: Path) -> dict[str
     storage_path, storage_fs = checkpoint_location(paths)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": {**cfg.model_dump(mode="json"), "data": share_dataset(cfg.data)},
+        train_loop_config={"config": {**cfg.model_dump(mode="json"), "data": share_dataset(cfg.data),
+                                      "val_data": share_dataset(cfg.val_data) if cfg.val_data else None},
                            "model_dir": str(model_dir),
                            "task_dir": str(paths.dir), "sage_home": str(sage_home())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.use_gpu),
@@ -166,7 +169,11 @@ def finetune(cfg: TrainConfig, *, address: str | None = None, log_to_driver: boo
 
 
 def _run(cfg: TrainConfig, paths: TaskPaths, tracker: JobTracker) -> FinetuneResult:
-    load_dataset(cfg.data, method=cfg.method)  # a bad dataset fails here, before any worker starts
+    records = len(load_dataset(cfg.data, method=cfg.method))  # a bad dataset fails here, before any worker starts
+    if cfg.val_data:
+        load_dataset(cfg.val_data, method=cfg.method)
+    cfg, note = resolve_validation(cfg, records)
+    write_log(paths.train_log, note)
     model_dir = resolve_model(cfg.model)
     cfg = worker_resources(cfg)
     tracker.update(config=cfg.model_dump(mode="json"))  # the queue reads the job's demand from it

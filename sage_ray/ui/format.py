@@ -308,7 +308,8 @@ METRIC_LABELS = {"rewards/accuracies": "reward accuracy", "rewards/margins": "re
 
 def loss_frame(job: dict | None) -> pd.DataFrame:
     """loss_history [[step, loss, {metric: value}?], ...] as the LinePlot's long frame
-    (x=step, y=value, color=series): the loss, and a DPO/ORPO/KTO run's reward metrics."""
+    (x=step, y=value, color=series): the loss raw and smoothed, a DPO/ORPO/KTO run's reward
+    metrics, and the eval loss of eval_history."""
     history = (job or {}).get("loss_history") or []
     rows = []
     for point in history:
@@ -318,8 +319,23 @@ def loss_frame(job: dict | None) -> pd.DataFrame:
         for name, value in (point[2] if len(point) > 2 else {}).items():
             if value is not None:
                 rows.append((int(step), float(value), METRIC_LABELS.get(name, name)))
+    rows += smoothed_loss([(step, value) for step, value, series in rows if series == "loss"])
+    for point in (job or {}).get("eval_history") or []:
+        rows.append((int(point[0]), float(point[1]), "eval loss"))
     frame = pd.DataFrame(rows, columns=["step", "value", "series"])
     return frame.astype({"step": "int64", "value": "float64", "series": "str"})
+
+
+SMOOTHING = 0.8  # weight of the running mean: the raw loss of one batch is noisy
+
+
+def smoothed_loss(points: list[tuple[int, float]]) -> list[tuple[int, float, str]]:
+    """The train loss as an exponential moving average (debiased, as TensorBoard draws it)."""
+    rows, mean = [], 0.0
+    for count, (step, value) in enumerate(points, 1):
+        mean = SMOOTHING * mean + (1 - SMOOTHING) * value
+        rows.append((step, mean / (1 - SMOOTHING ** count), "loss (smoothed)"))
+    return rows if len(points) > 2 else []
 
 
 def job_summary_md(job: dict | None) -> str:
@@ -333,6 +349,8 @@ def job_summary_md(job: dict | None) -> str:
         parts.append(f"epoch {float(job['epoch']):.2f}")
     if job.get("loss") is not None:
         parts.append(f"loss {fmt_loss(job['loss'])}")
+    if job.get("eval_history"):
+        parts.append(f"eval loss {fmt_loss(job['eval_history'][-1][1])}")
     if job.get("tokens_per_s"):
         parts.append(f"{float(job['tokens_per_s']):.0f} tok/s")
     if job.get("status") in ACTIVE_STATUSES and job.get("eta_s") is not None:

@@ -45,6 +45,7 @@ def test_finetune_tiny_lora_and_merge(ray_cluster, tiny_model_dir, chat_data, wo
     assert meta["base_model_path"] == str(tiny_model_dir)
     assert meta["dataset"]["records"] == 53 and len(meta["dataset"]["sha256"]) == 64
     assert meta["dataset"]["format"] == "conversations"
+    assert meta["dataset"]["validation_records"] == 5 and len(meta["eval_history"]) >= 1  # 10% held out: automatic
     assert meta["metrics"]["workers"] == workers and meta["metrics"]["steps"] == 10
     assert meta["config"]["preset"] == "cpu" and meta["config"]["batch_size"] == 4
 
