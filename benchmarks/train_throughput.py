@@ -29,7 +29,7 @@ from sage_ray.presets import apply_preset
 from sage_ray.train.callbacks import ProgressCallback
 from sage_ray.train.device import local_device
 from sage_ray.data.tokenize import load_tokenizer
-from sage_ray.train.loop import load_lora_model, make_collator, prepare_data, training_arguments
+from sage_ray.train.loop import load_lora_model, make_collator, prepare_data, training_kwargs
 from sage_ray.train.trainer import WORKER_ENV
 
 DATA = Path(__file__).resolve().parents[1] / "sage_ray" / "quickstart" / "chat.json"
@@ -46,15 +46,15 @@ def baseline_process(cfg: TrainConfig, model_dir: Path) -> dict:
 
 def baseline(cfg: TrainConfig, model_dir: Path) -> dict:
     """Plain transformers Trainer + peft in this process: no Ray at all."""
-    from transformers import Trainer
+    from transformers import Trainer, TrainingArguments
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(str(model_dir))
-    _dataset, items, _stats = prepare_data(cfg, tokenizer)
+    _dataset, items, _val, _stats = prepare_data(cfg, tokenizer)
     model = load_lora_model(str(model_dir), cfg, on_gpu=False)
     progress = ProgressCallback(lambda event: None)
     with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(cfg.model_copy(update={"save_steps": 10_000}), out, on_gpu=False)
+        args = TrainingArguments(**training_kwargs(cfg.model_copy(update={"save_steps": 10_000}), out, on_gpu=False))
         trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=make_collator(tokenizer, cfg),
                           processing_class=tokenizer, callbacks=[progress])
         startup = time.perf_counter() - started
@@ -63,7 +63,7 @@ def baseline(cfg: TrainConfig, model_dir: Path) -> dict:
 
 
 def runs_stats(cfg: TrainConfig, model_dir: Path) -> str:
-    _dataset, _items, stats = prepare_data(cfg, load_tokenizer(str(model_dir)))
+    _dataset, _items, _val, stats = prepare_data(cfg, load_tokenizer(str(model_dir)))
     info = stats.as_dict()
     return f"{info['records']} records, {info['mean_tokens']} tokens on average, {info['max_tokens']} at most"
 
@@ -96,7 +96,8 @@ def main() -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     cfg = TrainConfig(model=str(model_dir), data=str(DATA), max_steps=args.steps, batch_size=args.batch_size,
-                      max_length=args.max_length, lr=1e-4, save_steps=10_000, cpus_per_worker=threads, use_gpu=False)
+                      max_length=args.max_length, lr=1e-4, save_steps=10_000, cpus_per_worker=threads, use_gpu=False,
+                      validation_split=0.0)  # throughput of training alone: no held-out evaluation
     resolved = apply_preset(cfg, local_device(False))
 
     import ray
