@@ -64,7 +64,7 @@ def baseline(cfg: TrainConfig, model_dir: Path) -> dict:
 
 def runs_stats(cfg: TrainConfig, model_dir: Path) -> str:
     _dataset, _items, _val, stats = prepare_data(cfg, load_tokenizer(str(model_dir)))
-    info = stats.as_dict()
+    info = stats  # a dict of the tokenised training records
     return f"{info['records']} records, {info['mean_tokens']} tokens on average, {info['max_tokens']} at most"
 
 
