@@ -44,6 +44,12 @@ def resolve_validation(cfg: TrainConfig, records: int) -> tuple[TrainConfig, str
     """The config with validation_split decided (auto -> a number), and the sentence for the log.
 
     An explicit eval_steps with no validation set is refused: it would be silently ignored."""
+    if cfg.num_workers > 1:  # each worker would evaluate a shard and wait on the others: not implemented
+        if cfg.val_data or cfg.validation_split or cfg.eval_steps is not None:
+            field = "val_data" if cfg.val_data else "validation_split" if cfg.validation_split else "eval_steps"
+            raise ConfigError(f"field '{field}': evaluation with num_workers {cfg.num_workers} is not implemented; "
+                              "train with one worker for eval loss, or remove it")
+        return cfg.model_copy(update={"validation_split": 0.0}), "validation set: none (evaluation runs with one worker)"
     if cfg.val_data:
         return cfg.model_copy(update={"validation_split": 0.0}), f"validation set: the file {cfg.val_data}"
     fraction = cfg.validation_split
