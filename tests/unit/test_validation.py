@@ -139,3 +139,15 @@ def test_compare_takes_the_last_reply_as_reference_and_sums_up_per_model(tmp_pat
     assert summarise(rows, "against")["mean_loss"] == 2.0
     result = {"summary": {"candidate": summarise(rows, "candidate"), "against": summarise(rows, "against")}}
     assert not is_better(result)
+
+
+def test_evaluation_runs_with_one_worker_only():
+    import pytest as _pytest
+
+    from sage_ray.config import ConfigError, TrainConfig
+    from sage_ray.data.split import resolve_validation
+
+    cfg, said = resolve_validation(TrainConfig(data="d.json", num_workers=2), records=500)
+    assert cfg.validation_split == 0.0 and "one worker" in said  # automatic split off: no hang in evaluation
+    with _pytest.raises(ConfigError, match="field 'validation_split'.*not implemented"):
+        resolve_validation(TrainConfig(data="d.json", num_workers=2, validation_split=0.1), records=500)
