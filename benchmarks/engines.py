@@ -26,16 +26,8 @@ from pathlib import Path
 from sage_ray.models import resolve_model
 from sage_ray.serve.engines import ModelSpec, SamplingParams, complete, create_engine
 
-PROMPTS = [
-    "Explain what a LoRA adapter is in two sentences.",
-    "Write a Python function that reverses a string.",
-    "What is the capital of France?",
-    "Give three tips for writing clear documentation.",
-    "What does a tokenizer do?",
-    "Name three uses of a hash map.",
-    "Summarise the water cycle.",
-    "Why is the sky blue?",
-]
+from engine_batching import PROMPTS  # the same requests as the batching benchmark (this script's folder)
+
 OPTIONS = {"hf": {"threads": 1}, "vllm": {"cpu_kv_cache_gb": 1}}
 
 
