@@ -105,7 +105,13 @@ class StudioService:
     def served_ref(self) -> str:
         """The served model as a reference that finds it again: its registry name, else its folder."""
         current = self.current_model()
-        return current["name"] if self.registry.get_artifact(current["name"]) else current.get("path") or current["name"]
+        record = self.registry.get_artifact(current["name"]) or {}
+        if record and (record.get("uri") or not current.get("path") or record.get("path") == current["path"]):
+            return current["name"]
+        # a bare folder that shares its name with another registered model (e.g. a copy of the
+        # tiny model): the name would find the other one, so the folder is the reference (a
+        # shared copy, `uri`, is served from this node's cache: its path differs by design)
+        return current.get("path") or current["name"]
 
     def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S, *, who: str | None = None,
                      action: str = "switch", figures: dict[str, Any] | None = None) -> dict[str, Any]:
