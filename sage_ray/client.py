@@ -18,16 +18,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
 
 from sage_ray import env
+from sage_ray.client_types import TERMINAL, CurrentModel, Job, Model, Upload, _pick
+
+__all__ = ["StudioClient", "StudioError", "StudioUnavailableError", "Job", "Model", "CurrentModel", "Upload",
+           "TERMINAL"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("completed", "failed", "cancelled")
 SWITCH_TIMEOUT_S = 660.0  # the Studio waits up to 600 s for a new model to load before answering
 FULL_LOG_LINES = 100_000  # the most lines the logs route returns in one answer
 
@@ -44,95 +46,6 @@ class StudioError(Exception):
 
 class StudioUnavailableError(StudioError):
     """Nothing answers at the Studio's URL."""
-
-
-def _pick(cls, values: dict[str, Any]):
-    """An instance of dataclass `cls` from a JSON object: known fields taken, the whole object kept as `raw`."""
-    names = {f.name for f in fields(cls)} - {"raw"}
-    return cls(**{k: v for k, v in values.items() if k in names}, raw=values)
-
-
-@dataclass
-class Job:
-    """A fine-tune task as the Studio reports it."""
-
-    task_id: str
-    status: str
-    progress: float = 0.0
-    status_detail: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    epoch: float | None = None
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-    error: str | None = None
-    config: dict[str, Any] | None = None
-    created_at: str | None = None
-    finished_at: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def done(self) -> bool:
-        """True once the job has ended: completed, failed or cancelled."""
-        return self.status in TERMINAL
-
-    @property
-    def method(self) -> str:
-        """sft, dpo, orpo or kto."""
-        return (self.config or {}).get("method", "sft")
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """The latest preference metrics (rewards/accuracies, rewards/margins, ...); empty for sft."""
-        history = self.raw.get("loss_history") or []
-        return next((point[2] for point in reversed(history) if len(point) > 2), {})
-
-
-@dataclass
-class Model:
-    """A model the Studio can serve: a base model, a LoRA adapter or a merged fine-tune."""
-
-    name: str
-    kind: str
-    path: str
-    base_model: str | None = None
-    task_id: str | None = None
-    group: str | None = None  # "base" or "finetuned"
-    active: bool = False
-    created_at: str | None = None
-    size_bytes: int | None = None
-    uri: str | None = None  # its shared copy (SAGE_STORAGE), fetched by nodes without `path`
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-@dataclass
-class CurrentModel:
-    """What the LLM service serves now; `state` is active, loading, starting or "not serving"."""
-
-    name: str
-    state: str
-    kind: str | None = None
-    path: str | None = None
-    base_model: str | None = None
-    declared: str | None = None
-    error: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-@dataclass
-class Upload:
-    """A dataset the Studio accepted: where it keeps it (pass `path` as a job's `data`) and a preview."""
-
-    path: str
-    filename: str
-    records: int
-    format: str
-    kind: str = "sft"
-    """What the records train: "sft", "pairs" (for method dpo / orpo / kto) or "labelled" (kto)."""
-    sha256: str | None = None
-    preview: list[dict[str, Any]] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class StudioClient:
@@ -176,6 +89,17 @@ class StudioClient:
         _raise_for(response)
         return response.json()
 
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
+        """A streamed answer's lines (SSE or NDJSON); StudioError for a refused request."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                yield from response.iter_lines()
+        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
+            raise self._unreachable(err) from None
+
     def health(self) -> bool:
         """True when a Studio answers at the URL."""
         try:
@@ -200,23 +124,16 @@ class StudioClient:
         return answer["choices"][0]["message"]["content"]
 
     def _stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
-        try:
-            with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response)
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:  # an error after streaming began comes as an event
-                        raise StudioError(500, str(chunk["error"].get("message", chunk["error"])))
-                    for choice in chunk.get("choices", []):
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield text
-        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-            raise self._unreachable(err) from None
+        for line in self.stream_lines("POST", "/v1/chat/completions", json=body):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:  # an error after streaming began comes as an event
+                raise StudioError(500, str(chunk["error"].get("message", chunk["error"])))
+            for choice in chunk.get("choices", []):
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield text
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -316,6 +233,25 @@ class Jobs:
         """Remove a finished job with its files."""
         self._c.request("DELETE", f"/api/finetune/tasks/{task_id}")
 
+    def compare(self, task_id: str, against: str | None = None, prompts: str | None = None, limit: int = 32,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The task's model and `against` (default: the served one) answer the task's held-out prompts
+        (or those of `prompts`, a dataset file the Studio can read) greedily: per-example outputs
+        side by side, each model's loss on the references and a summary. `on_progress` gets
+        {"done", "total", "model"} as each answer is scored (the work runs on the cluster)."""
+        body = {"against": against, "prompts": prompts, "limit": limit, "stream": True}
+        for line in self._c.stream_lines("POST", f"/api/finetune/tasks/{task_id}/compare", json=body,
+                                         timeout=httpx.Timeout(self._c._http.timeout.connect, read=None)):
+            event = json.loads(line) if line.strip() else {}
+            if "error" in event:
+                error = event["error"]
+                raise StudioError(error.get("status"), error.get("message", str(error)), error)
+            if "progress" in event and on_progress is not None:
+                on_progress(event["progress"])
+            if "result" in event:
+                return event["result"]
+        raise StudioError(None, f"the comparison of {task_id!r} ended without a result")
+
     def merge(self, task_id: str) -> Model:
         """Merge a completed job's adapter into its base model; returns the merged model."""
         return _pick(Model, self._c.request("POST", f"/api/finetune/tasks/{task_id}/merge",
@@ -323,7 +259,7 @@ class Jobs:
 
 
 class Models:
-    """Models: `client.models.list()`, `.current()`, `.switch(ref)`, `.wait_until_active(ref)`."""
+    """Models: `client.models.list()`, `.current()`, `.switch(ref)`, `.rollback()`, `.switches()`, `.wait_until_active(ref)`."""
 
     def __init__(self, client: StudioClient):
         self._c = client
@@ -335,11 +271,24 @@ class Models:
     def current(self) -> CurrentModel:
         return _pick(CurrentModel, self._c.request("GET", "/api/finetune/current-model"))
 
-    def switch(self, ref: str, timeout: float = SWITCH_TIMEOUT_S) -> str:
+    def switch(self, ref: str, timeout: float = SWITCH_TIMEOUT_S, require_better: bool = False,
+               prompts: str | None = None) -> str:
         """Serve `ref` (a registry name, a task id or a path); returns the Studio's message:
-        "switched and active", or "switched; takes effect when the LLM service starts"."""
-        answer = self._c.request("POST", "/api/finetune/switch-model", json={"model_path": ref}, timeout=timeout)
+        "switched and active", or "switched; takes effect when the LLM service starts".
+        `require_better`: only if its held-out loss beats the served model's (on `prompts` if
+        given); else StudioError(409) whose `detail["comparison"]` holds the figures."""
+        body = {"model_path": ref, "require_better": require_better, "prompts": prompts}
+        answer = self._c.request("POST", "/api/finetune/switch-model", json=body,
+                                 timeout=None if require_better else timeout)
         return answer["message"]
+
+    def rollback(self, timeout: float = SWITCH_TIMEOUT_S) -> dict[str, Any]:
+        """Serve again the model the latest switch replaced; the answer names both."""
+        return self._c.request("POST", "/api/finetune/rollback", timeout=timeout)
+
+    def switches(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Every change of the served model, newest first: who, when, from, to, a gated switch's figures."""
+        return self._c.request("GET", "/api/finetune/switches", params={"limit": limit})
 
     def resolve(self, ref: str) -> str:
         """The registry name `ref` (a name, a task id or a path) stands for; `ref` itself if none."""

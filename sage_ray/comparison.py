@@ -3,13 +3,14 @@
 Both models answer each prompt greedily, and each one's loss on the reference reply (the
 record's last assistant turn, scored like training scores it) is measured. The model work
 runs as a Ray task with CPUs reserved on the head node, where the task folders are (as
-`jobs.merge` does); the caller (CLI, Studio ingress thread) only waits for the result.
+`jobs.merge` does) and streams its progress back (a Ray streaming generator): the caller
+(CLI, Studio ingress thread, Studio page) shows it and gets the result at the end.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sage_ray.config import ConfigError
 from sage_ray.data import Example, load_dataset
@@ -18,6 +19,7 @@ from sage_ray.errors import SageError
 COMPARE_CPUS = 1
 MAX_EXAMPLES = 32  # held-out prompts compared by default: each costs a generation per model
 MAX_NEW_TOKENS = 64
+MAX_LIMIT = 1000
 
 
 class CompareError(SageError):
@@ -71,14 +73,13 @@ def summarise(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def score_model(spec: dict[str, Any], pairs: list[tuple[list[dict], str]], max_length: int,
-                max_new_tokens: int) -> list[dict[str, Any]]:
-    """One model's greedy answer and reference loss for each (prompt, reference)."""
+                max_new_tokens: int) -> Iterator[dict[str, Any]]:
+    """One model's greedy answer and reference loss for each (prompt, reference), one at a time."""
     import torch
 
     from sage_ray.data.tokenize import IGNORE_INDEX, tokenize_example
 
     model, tokenizer = load_for_scoring(spec)
-    results = []
     with torch.no_grad():
         for prompt, reference in pairs:
             item = tokenize_example(tokenizer, Example(messages=prompt + [{"role": "assistant", "content": reference}]),
@@ -90,10 +91,9 @@ def score_model(spec: dict[str, Any], pairs: list[tuple[list[dict], str]], max_l
                                                    return_dict=True)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            results.append({"output": answer, "loss": round(loss, 4), "tokens": scored,
-                            "exact_match": normalised(answer) == normalised(reference),
-                            "contains_reference": normalised(reference) in normalised(answer)})
-    return results
+            yield {"output": answer, "loss": round(loss, 4), "tokens": scored,
+                   "exact_match": normalised(answer) == normalised(reference),
+                   "contains_reference": normalised(reference) in normalised(answer)}
 
 
 def load_for_scoring(spec: dict[str, Any]):
@@ -127,40 +127,60 @@ def load_source(source: dict[str, Any]) -> list[Example]:
 
 
 def compare_on_node(candidate: dict, against: dict, source: dict[str, Any], limit: int, max_length: int,
-                    max_new_tokens: int) -> dict[str, Any]:
-    """The Ray task's body: both models scored, rows side by side, and the summary (or
-    {"error": message} for a user error, which the caller raises as CompareError)."""
+                    max_new_tokens: int) -> Iterator[dict[str, Any]]:
+    """The Ray task's body, a generator: {"progress": ...} after each answer, then {"result": ...}
+    (or {"error": message} for a user error, which the caller raises as CompareError)."""
     import torch
 
     torch.set_num_threads(COMPARE_CPUS)
     try:
         pairs = cases(load_source(source), limit)
     except (SageError, ValueError) as err:
-        return {"error": str(err)}
-    mine = score_model(candidate, pairs, max_length, max_new_tokens)
-    theirs = score_model(against, pairs, max_length, max_new_tokens)
+        yield {"error": str(err)}
+        return
+    scored: dict[str, list[dict[str, Any]]] = {"candidate": [], "against": []}
+    for key, spec in (("candidate", candidate), ("against", against)):
+        for answer in score_model(spec, pairs, max_length, max_new_tokens):
+            scored[key].append(answer)
+            yield {"progress": {"done": len(scored["candidate"]) + len(scored["against"]), "total": 2 * len(pairs),
+                                "model": spec["name"]}}
     rows = [{"prompt": prompt, "reference": reference, "candidate": a, "against": b}
-            for (prompt, reference), a, b in zip(pairs, mine, theirs)]
-    return {"candidate": candidate["name"], "against": against["name"], "examples": rows,
-            "summary": {"examples": len(rows), "candidate": summarise(rows, "candidate"),
-                        "against": summarise(rows, "against")}}
+            for (prompt, reference), a, b in zip(pairs, scored["candidate"], scored["against"])]
+    yield {"result": {"candidate": candidate["name"], "against": against["name"], "examples": rows,
+                      "summary": {"examples": len(rows), "candidate": summarise(rows, "candidate"),
+                                  "against": summarise(rows, "against")}}}
 
 
-def compare(candidate, against, source: dict[str, Any], *, limit: int = MAX_EXAMPLES, max_length: int = 1024,
-            max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
+def compare_events(candidate, against, source: dict[str, Any], *, limit: int = MAX_EXAMPLES,
+                   max_length: int = 1024, max_new_tokens: int = MAX_NEW_TOKENS) -> Iterator[dict[str, Any]]:
     """Compare two ModelSpecs on `source` (see load_source) in a Ray task on the head node, where
-    the task folders are; blocks until done (call it from a thread, never an event loop)."""
+    the task folders are: yields {"progress": {"done", "total", "model"}} as each answer is
+    scored, then {"result": ...}; a user error raises CompareError. Blocks between events (call
+    it from a thread, never an event loop)."""
     import ray
 
     if limit < 1 or max_new_tokens < 1:
         raise ConfigError(f"limit ({limit}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    task = ray.remote(compare_on_node).options(num_cpus=COMPARE_CPUS, resources={"node:__internal_head__": 0.001})
+    task = ray.remote(compare_on_node).options(num_cpus=COMPARE_CPUS, num_returns="streaming",
+                                               resources={"node:__internal_head__": 0.001})
     as_dict = lambda spec: {"name": spec.name, "path": spec.path, "kind": spec.kind,  # noqa: E731
                             "base_path": spec.base_path}
-    result = ray.get(task.remote(as_dict(candidate), as_dict(against), source, limit, max_length, max_new_tokens))
-    if "error" in result:
-        raise CompareError(result["error"])
-    return result
+    for ref in task.remote(as_dict(candidate), as_dict(against), source, limit, max_length, max_new_tokens):
+        event = ray.get(ref)
+        if "error" in event:
+            raise CompareError(event["error"])
+        yield event
+
+
+def compare(candidate, against, source: dict[str, Any], *,
+            on_progress: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+    """compare_events' result; `on_progress` gets each progress event on the way."""
+    for event in compare_events(candidate, against, source, **options):
+        if "result" in event:
+            return event["result"]
+        if on_progress is not None:
+            on_progress(event["progress"])
+    raise CompareError("the comparison ended without a result")
 
 
 def is_better(result: dict[str, Any]) -> bool:

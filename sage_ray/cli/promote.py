@@ -39,8 +39,24 @@ def compare(task_id: str = typer.Argument(..., help="Task id of a completed fine
             as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
             url: Optional[str] = typer.Option(None, help=URL_HELP)) -> None:
     """The fine-tune and another model answer held-out prompts greedily, side by side, with each one's loss."""
-    body = {"against": against, "prompts": str(prompts.resolve()) if prompts else None, "limit": limit}
-    result = _request(url, "POST", f"/api/finetune/tasks/{task_id}/compare", json=body)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sage_ray.client import StudioClient, StudioError
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=as_json) as progress:
+        bar = progress.add_task("comparing (loading the models)", total=None)
+
+        def on_progress(event: dict) -> None:
+            progress.update(bar, completed=event["done"], total=event["total"], description=f"answering: {event['model']}")
+
+        try:
+            with StudioClient(url, timeout=60) as client:
+                result = client.jobs.compare(task_id, against=against, prompts=str(prompts.resolve()) if prompts else None,
+                                             limit=limit, on_progress=on_progress)
+        except StudioError as err:
+            progress.stop()
+            fail(str(err))
     if as_json:
         print(json.dumps(result, indent=2))
         return

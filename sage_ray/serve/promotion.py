@@ -8,7 +8,7 @@ change replaced.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sage_ray import comparison
 from sage_ray.serve.resolve import spec_of, within_roots
@@ -36,6 +36,15 @@ class Promotion:
                 limit: int = comparison.MAX_EXAMPLES) -> dict[str, Any]:
         """The task's model and `against` (default: the served model) on the task's held-out
         records, or on the records of `prompts` (a dataset file inside the Studio's folders)."""
+        for event in self.compare_events(task_id, against, prompts, limit):
+            if "result" in event:
+                return event["result"]
+        raise ServiceError(500, "the comparison ended without a result")
+
+    def compare_events(self, task_id: str, against: str | None = None, prompts: str | None = None,
+                       limit: int = comparison.MAX_EXAMPLES) -> Iterator[dict[str, Any]]:
+        """compare() as it goes: {"progress": {"done", "total", "model"}} events, then {"result": ...}.
+        What can be checked up front raises before the first event."""
         artifact = self.registry.get_task_model(task_id)
         if artifact is None:
             raise ServiceError(404, f"task {task_id!r} has no completed model; `sage finetune list` shows the tasks")
@@ -44,11 +53,21 @@ class Promotion:
                                     "upload it with POST /api/finetune/upload-dataset")
         source = ({"prompts": str(Path(prompts).expanduser())} if prompts
                   else {"task": task_id, "home": str(self.service.settings.sage_home)})
-        try:
-            return comparison.compare(self._spec(artifact["name"]), self._spec(against or self.served()), source,
-                                      limit=limit)
-        except Exception as err:
-            raise user_error(err) from None
+        candidate, other = self._spec(artifact["name"]), self._spec(against or self.served())
+        if not 1 <= limit <= comparison.MAX_LIMIT:
+            raise ServiceError(400, f"field 'limit': {limit} must be from 1 to {comparison.MAX_LIMIT}")
+        return self._events(comparison.compare_events(candidate, other, source, limit=limit))
+
+    @staticmethod
+    def _events(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            except Exception as err:
+                raise user_error(err) from None
+            yield event
 
     def switch(self, ref: str, *, require_better: bool = False, prompts: str | None = None,
                who: str | None = None) -> dict[str, Any]:

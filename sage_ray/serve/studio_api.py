@@ -6,14 +6,19 @@ routes in its thread pool, off the event loop.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import logging
+from typing import Any, Iterator
 
 from fastapi import APIRouter, Body, File, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sage_ray.comparison import MAX_EXAMPLES
+from sage_ray.comparison import MAX_EXAMPLES, MAX_LIMIT
 from sage_ray.serve.promotion import Promotion
 from sage_ray.serve.service import ServiceError
+
+log = logging.getLogger(__name__)
 
 
 class SwitchRequest(BaseModel):
@@ -27,12 +32,27 @@ class CompareRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     against: str | None = Field(None, description="The model to compare with (default: the served one).")
     prompts: str | None = Field(None, description="A dataset file (inside the Studio's folders) instead of the task's held-out set.")
-    limit: int = Field(MAX_EXAMPLES, ge=1, le=1000, description="At most this many examples.")
+    limit: int = Field(MAX_EXAMPLES, ge=1, le=MAX_LIMIT, description="At most this many examples.")
+    stream: bool = Field(False, description="Answer with NDJSON lines: {\"progress\": {done, total, model}} as "
+                                            "each answer is scored, then {\"result\": ...}.")
 
 
 def who(request: Request) -> str:
     """Who asked, for the switch history: a name the client gives, else its address."""
     return request.headers.get("x-sage-user") or (request.client.host if request.client else "unknown")
+
+
+def ndjson(events: Iterator[dict[str, Any]]) -> Iterator[str]:
+    """Events as JSON lines; an error once the answer has started is the last line,
+    {"error": {"message", "status"}}, as the routes' error body says it."""
+    try:
+        for event in events:
+            yield json.dumps(event) + "\n"
+    except ServiceError as err:
+        yield json.dumps({"error": {"message": str(err), "status": err.status, **err.detail()}}) + "\n"
+    except Exception as err:  # a crash: the client still learns the stream failed, and why
+        log.exception("streamed request failed")
+        yield json.dumps({"error": {"message": f"internal error: {err}", "status": 500}}) + "\n"
 
 
 def build_studio_router(service) -> APIRouter:
@@ -69,7 +89,10 @@ def build_studio_router(service) -> APIRouter:
     @router.post("/tasks/{task_id}/compare")
     def compare(task_id: str, body: CompareRequest | None = Body(None)) -> dict[str, Any]:
         body = body or CompareRequest()
-        return promotion.compare(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
+        events = promotion.compare_events(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
+        if not body.stream:
+            return next(event["result"] for event in events if "result" in event)
+        return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
 
     @router.post("/upload-dataset")
     def upload_dataset(file: UploadFile = File(..., description="A JSON array or JSONL dataset.")) -> dict[str, Any]:

@@ -109,6 +109,18 @@ def test_compare_a_finetune_with_its_base_on_held_out_records(ray_cluster, tiny_
     refused = studio.post("/api/finetune/tasks/eval-learned/compare", json={"limt": 3})
     assert refused.status_code == 400 and "limt" in refused.text  # a misspelt field is named, not ignored
 
+    # the SDK streams the comparison's progress (NDJSON) and gets the same result
+    from sage_ray.client import StudioClient, StudioError
+
+    progress = []
+    with StudioClient(str(studio.base_url)) as sdk:
+        streamed = sdk.jobs.compare("eval-learned", limit=2, on_progress=progress.append)
+        with pytest.raises(StudioError) as missing:
+            sdk.jobs.compare("no-such-task")
+    assert [(p["done"], p["total"]) for p in progress] == [(n, 4) for n in range(1, 5)]
+    assert [p["model"] for p in progress] == ["eval-learned"] * 2 + [result["against"]] * 2
+    assert streamed["examples"] == result["examples"][:2] and missing.value.status == 404
+
 
 def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, tiny_model_dir, topic_data, studio,
                                                                   chat_data):
@@ -130,11 +142,22 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     reply = studio.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert reply.status_code == 200 and reply.json()["model"] == "eval-learned"
 
-    rolled = studio.post("/api/finetune/rollback")
-    assert rolled.status_code == 200, rolled.text
-    assert rolled.json()["rolled_back_from"] == "eval-learned"
+    from sage_ray.client import StudioClient
+
+    with StudioClient(str(studio.base_url), timeout=600) as sdk:
+        rolled = sdk.models.rollback()
+        history = sdk.models.switches(limit=5)
+    assert rolled["rolled_back_from"] == "eval-learned"
+    assert history[0]["action"] == "rollback" and history[1]["figures"] is None
     current = studio.get("/api/finetune/current-model").json()
     assert current["path"] == str(tiny_model_dir) and current["state"] == "active"
     latest, switched = studio.get("/api/finetune/switches").json()[:2]
     assert latest["action"] == "rollback" and latest["from_model"] == "eval-learned" and latest["who"] == "tester"
     assert switched["action"] == "switch" and switched["to_model"] == "eval-learned"
+
+    # a gated switch that passes: the fine-tune beats the base now served, and the figures are kept
+    passed = studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned", "require_better": True})
+    assert passed.status_code == 200, passed.text
+    assert passed.json()["comparison"]["candidate"]["mean_loss"] < passed.json()["comparison"]["against"]["mean_loss"]
+    gated = studio.get("/api/finetune/switches", params={"limit": 1}).json()[0]
+    assert gated["to_model"] == "eval-learned" and gated["figures"] == passed.json()["comparison"]

@@ -151,3 +151,24 @@ def test_evaluation_runs_with_one_worker_only():
     assert cfg.validation_split == 0.0 and "one worker" in said  # automatic split off: no hang in evaluation
     with _pytest.raises(ConfigError, match="field 'validation_split'.*not implemented"):
         resolve_validation(TrainConfig(data="d.json", num_workers=2, validation_split=0.1), records=500)
+
+
+def test_comparison_reports_progress_per_answer_then_the_result(tmp_path, tiny_model_dir):
+    import json
+
+    from sage_ray.comparison import compare_on_node
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n" for w in ("a", "b", "c")))
+    spec = {"name": "tiny", "path": str(tiny_model_dir), "kind": "base", "base_path": None}
+    events = list(compare_on_node(spec, {**spec, "name": "other"}, {"prompts": str(prompts)}, limit=2,
+                                  max_length=64, max_new_tokens=3))
+    progress = [event["progress"] for event in events[:-1]]
+    assert progress == [{"done": n, "total": 4, "model": model} for n, model in
+                        ((1, "tiny"), (2, "tiny"), (3, "other"), (4, "other"))]
+    result = events[-1]["result"]
+    assert [row["reference"] for row in result["examples"]] == ["a", "b"]
+    # the same model on both sides scores the same: the figures come from the models, not a constant
+    assert result["summary"]["candidate"] == result["summary"]["against"] and result["summary"]["examples"] == 2
+    missing = list(compare_on_node(spec, spec, {"prompts": str(tmp_path / "none.jsonl")}, 2, 64, 3))
+    assert len(missing) == 1 and "none.jsonl" in missing[0]["error"]
