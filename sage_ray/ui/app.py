@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from sage_ray.serve.promotion import Promotion
 from sage_ray.ui import chat_tab, finetune_tab, models_tab
 
 TITLE = "sage-ray Studio"
@@ -73,8 +74,9 @@ def _header() -> None:
             elem_id="studio-header")
 
 
-def build_ui(service) -> gr.Blocks:
-    """The Studio page: Finetune, Chat and Models tabs over `service`."""
+def build_ui(service, promotion=None) -> gr.Blocks:
+    """The Studio page: Finetune, Chat and Models tabs over `service`; compare, gated switch and
+    rollback go through `promotion` (default: Promotion(service), as the REST API does)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         _header()
         with gr.Tabs(elem_id="studio-tabs"):
@@ -84,7 +86,7 @@ def build_ui(service) -> gr.Blocks:
                 chat = chat_tab.build()
             with gr.Tab("Models", id="models", elem_id="tab-models") as models_item:
                 models = models_tab.build()
-        finetune_tab.wire(finetune, service, blocks, chat.header)
+        finetune_tab.wire(finetune, service, promotion or Promotion(service), blocks, chat.header)
         chat_tab.wire(chat, service)
         models_tab.wire(models, service, blocks, models_item)
     blocks.queue(default_concurrency_limit=CONCURRENCY)

@@ -1,4 +1,5 @@
-"""The Finetune tab: current model card, create-task form, task table with live chart/logs.
+"""The Finetune tab: current model card, create-task form, task table with live chart/logs,
+and the compare panel.
 
 One page-level refresh (`refresh`) reads the jobs and the served model from the service
 and is run on page load, by a timer, and after every action, so what the page shows is
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from sage_ray.ui import finetune_form, model_switch, tasks_panel
+from sage_ray.ui import compare_panel, finetune_form, model_switch, tasks_panel
 from sage_ray.ui import format as fmt
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def build(service) -> SimpleNamespace:
     card = model_switch.build_card()
     form = finetune_form.build_form()
     panel = tasks_panel.build_panel()
-    return SimpleNamespace(card=card, form=form, panel=panel, selected=gr.State(None),
+    compare = compare_panel.build_panel()
+    return SimpleNamespace(card=card, form=form, panel=panel, compare=compare, selected=gr.State(None),
                            sig=gr.State({}), timer=gr.Timer(TICK_ACTIVE_S))
 
 
@@ -99,7 +101,7 @@ def base_model_update(service) -> dict:
                      value=fmt.default_base_model(models, current))
 
 
-def wire(tab: SimpleNamespace, service, blocks: gr.Blocks, chat_header: gr.Markdown) -> None:
+def wire(tab: SimpleNamespace, service, promotion, blocks: gr.Blocks, chat_header: gr.Markdown) -> None:
     panel, card = tab.panel, tab.card
     outputs = ([getattr(panel, k) for k in PANEL_KEYS]
                + [panel.buttons[a] for a in tasks_panel.ACTIONS]
@@ -117,26 +119,51 @@ def wire(tab: SimpleNamespace, service, blocks: gr.Blocks, chat_header: gr.Markd
     blocks.load(lambda: base_model_update(service), None, tab.form.fields["model"], **quiet)
     tab.timer.tick(tick, state_in, outputs, trigger_mode="always_last", **quiet)
 
-    def on_switch(ref):
-        out = model_switch.switch(service, ref)
-        return out["status"], out["card"], out["dropdown"], out["chat_header"]
-
-    card.dropdown.input(on_switch, card.dropdown, [card.status, card.card, card.dropdown, chat_header])
     submitted = finetune_form.wire(tab.form, service, tab.selected)
     submitted.then(tick, state_in, outputs, **quiet)
-    _wire_table(tab, service, state_in, outputs, chat_header)
+    history = _wire_card(tab, service, promotion, blocks, chat_header)
+    _wire_table(tab, service, state_in, outputs, chat_header, history)
+    compare_panel.wire(tab.compare, service, promotion, [blocks.load, panel.table.change, card.card.change],
+                       dict(fn=reload, inputs=state_in, outputs=outputs, show_progress="hidden"),
+                       model_switch.who_of)
 
 
-def _wire_table(tab, service, state_in, outputs, chat_header) -> None:
+def _wire_card(tab, service, promotion, blocks, chat_header) -> dict:
+    """Switch from the dropdown, Roll back, and the recent switches (refreshed whenever the card
+    changes: a switch from here, the CLI or another browser). Returns the history's .then()."""
+    card = tab.card
+    card_out = [card.status, card.card, card.dropdown, chat_header]
+
+    def on_history():
+        views = model_switch.history_views(promotion)
+        return views["history"], views["rollback"]
+
+    history = dict(fn=on_history, inputs=None, outputs=[card.history, card.rollback], show_progress="hidden")
+    gr.on([blocks.load, card.card.change], **history, queue=True)
+
+    def on_switch(ref, request: gr.Request):
+        out = model_switch.switch(service, ref, who=model_switch.who_of(request))
+        return out["status"], out["card"], out["dropdown"], out["chat_header"]
+
+    def on_rollback(request: gr.Request):
+        out = model_switch.rollback(service, promotion, who=model_switch.who_of(request))
+        return out["status"], out["card"], out["dropdown"], out["chat_header"]
+
+    card.dropdown.input(on_switch, card.dropdown, card_out).then(**history)
+    card.rollback.click(on_rollback, None, card_out).then(**history)
+    return history
+
+
+def _wire_table(tab, service, state_in, outputs, chat_header, history: dict) -> None:
     panel, card = tab.panel, tab.card
 
     def on_select(evt: gr.SelectData):
         return tasks_panel.selected_from_row(evt.row_value), tasks_panel.LOG_TAIL
 
-    def on_chat(task_id):
+    def on_chat(task_id, request: gr.Request):
         if not task_id:
             return fmt.notice_html("Select a task first.", "idle"), gr.skip(), gr.skip(), gr.skip()
-        out = model_switch.switch(service, task_id)
+        out = model_switch.switch(service, task_id, who=model_switch.who_of(request))
         return out["status"], out["card"], out["dropdown"], out["chat_header"]
 
     def action(name):
@@ -149,7 +176,7 @@ def _wire_table(tab, service, state_in, outputs, chat_header) -> None:
                          inputs=state_in, outputs=outputs, show_progress="hidden")
     panel.table.select(on_select, None, [tab.selected, panel.tail]).then(**refresh_after)
     panel.buttons["chat"].click(on_chat, tab.selected,
-                                [panel.action_status, card.card, card.dropdown, chat_header])
+                                [panel.action_status, card.card, card.dropdown, chat_header]).then(**history)
     panel.buttons["logs"].click(lambda: tasks_panel.FULL_LOG_TAIL, None, panel.tail).then(**refresh_after)
     for name in ("cancel", "merge", "delete", "resume"):
         panel.buttons[name].click(action(name), tab.selected,

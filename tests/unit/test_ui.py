@@ -37,19 +37,26 @@ def job(task_id, status, created, **extra):
 
 
 class ServiceError(Exception):
-    def __init__(self, status, message):
+    def __init__(self, status, message, detail=None):
         super().__init__(message)
         self.status = status
+        self._detail = detail or {}
+
+    def detail(self):
+        return self._detail
 
 
 class RecordingService:
     """Answers from plain records and remembers the calls the UI made."""
+
+    registry = None  # build_ui's default Promotion(service) only keeps it
 
     def __init__(self, jobs=(), models=(BASE, MERGED, LORA)):
         self.jobs = {j["task_id"]: j for j in jobs}
         self.models = list(models)
         self.active = dict(CURRENT)
         self.calls = []
+        self.switches = []  # newest first, as the registry lists them
 
     def list_models(self):
         return [dict(m) for m in self.models]
@@ -57,14 +64,17 @@ class RecordingService:
     def current_model(self):
         return dict(self.active)
 
-    def switch_model(self, ref):
+    def switch_model(self, ref, who=None, action="switch", figures=None):
         self.calls.append(("switch_model", ref))
         found = [m for m in self.models if ref in (m["name"], m["task_id"], m["path"])]
         if not found:
             raise ServiceError(404, f"no model named {ref!r}")
-        m = found[0]
+        m, before = found[0], self.active["name"]
         self.active = {"name": m["name"], "kind": m["kind"], "path": m["path"],
                        "base_model": m["base_model"], "state": "active", "error": None}
+        self.switches.insert(0, {"id": len(self.switches) + 1, "at": "2026-12-01T10:0{}:00".format(len(self.switches)),
+                                 "who": who, "action": action, "from_model": before, "to_model": m["name"],
+                                 "figures": figures})
         return {"model": dict(self.active), "message": "switched; takes effect when the LLM service starts"}
 
     def upload_dataset(self, filename, content):
@@ -495,7 +505,9 @@ def test_build_ui_has_the_elements_the_browser_test_drives():
                 "task-cancel", "task-merge", "task-delete", "task-resume", "task-logs", "chat-input",
                 "chatbot", "chat-send", "chat-current-model", "chat-mode", "compare-model-a",
                 "compare-model-b", "compare-chatbot-a", "compare-chatbot-b", "compare-input",
-                "compare-send", "models-table", "models-refresh"}
+                "compare-send", "models-table", "models-refresh", "rollback-button", "switch-history",
+                "eval-task", "eval-against", "eval-limit", "eval-run", "eval-progress", "eval-summary",
+                "eval-table", "eval-promote", "eval-promote-status"}
     assert expected <= ids, expected - ids
     assert isinstance(blocks, gr.Blocks)
 
@@ -518,3 +530,4 @@ def test_the_log_view_shows_lines_for_people_not_the_event_json():
     views = tasks_panel.task_views(Logs([job("run", "training", "2026-11-30T10:00:00")]), None)
     assert "step 1/4 loss 2.5000" in views["logs"] and "training done" in views["logs"]
     assert "EVENT" not in views["logs"] and '"loss"' not in views["logs"]
+
