@@ -19,6 +19,7 @@ from sage_ray.comparison import MAX_EXAMPLES, MAX_LIMIT
 from sage_ray.registry.status import JobStatus
 from sage_ray.ui import format as fmt
 
+CHOICE_KEYS = ("empty", "body", "task", "against")  # what the page refresh updates here
 SERVED = "@served"  # the against dropdown's "whatever is served when Compare is pressed"
 HINT = ("Both models answer the fine-tune's held-out prompts (records it never trained on). "
         "Lower held-out loss on the reference replies is better.")
@@ -47,28 +48,24 @@ def against_choices(models: list[dict], current: dict | None) -> list[tuple[str,
     return [(label, SERVED)] + fmt.model_choices(models, current)
 
 
-def pick_task(ids: list[str], value: str | None, newest: str | None) -> str | None:
-    """The task to show: the user's pick while it exists, else the newest; a pick that was the
-    newest follows a newer one, so a fine-tune that just finished is the one offered."""
-    if value in ids and value != newest:
-        return value
-    return ids[0] if ids else None
+def choice_views(jobs: list[dict] | None, models: list[dict] | None, current: dict | None,
+                 selected: str | None = None) -> dict:
+    """The panel's choices, from the page refresh's own reads (None: a read failed, keep them).
 
-
-def choice_views(service, task: str | None, against: str | None, newest: str | None) -> dict:
-    """Fresh dropdowns for the panel (read when the task table or the model card changes)."""
-    try:
-        jobs, models, current = service.list_jobs(), service.list_models(), service.current_model()
-    except Exception:  # the task table and model card already say what broke
-        return {key: gr.skip() for key in ("empty", "body", "task", "against", "newest")}
-    tasks, others = task_choices(jobs, models), against_choices(models, current)
+    The fine-tune offered is the task selected in the table when it can be compared (a job that
+    just completed is the one selected), else the newest. The page refresh sends only what
+    changed, so a pick in the dropdown stays until the table's selection or the list changes.
+    Against keeps the user's pick ("the served model" at first).
+    """
+    if jobs is None or models is None:
+        return {key: gr.skip() for key in CHOICE_KEYS}
+    tasks = task_choices(jobs, models)
     ids = [value for _, value in tasks]
     return {
         "empty": gr.update(visible=not tasks),
         "body": gr.update(visible=bool(tasks)),
-        "task": gr.update(choices=tasks, value=pick_task(ids, task, newest)),
-        "against": gr.update(choices=others, value=against if against in {v for _, v in others} else SERVED),
-        "newest": ids[0] if ids else None,
+        "task": gr.update(choices=tasks, value=selected if selected in ids else (ids[0] if ids else None)),
+        "against": gr.update(choices=against_choices(models, current)),
     }
 
 
@@ -229,7 +226,8 @@ def build_panel() -> SimpleNamespace:
             gr.Markdown(HINT, elem_classes="sr-hint")
             with gr.Row(elem_id="eval-controls"):
                 task = gr.Dropdown(label="Fine-tune", choices=[], scale=3, elem_id="eval-task")
-                against = gr.Dropdown(label="Against", choices=[], scale=3, elem_id="eval-against")
+                against = gr.Dropdown(label="Against", choices=against_choices([], None), value=SERVED, scale=3,
+                                      elem_id="eval-against")
                 limit = gr.Number(label="Max prompts", value=MAX_EXAMPLES, precision=0, minimum=1,
                                   maximum=MAX_LIMIT, scale=1, min_width=120, elem_id="eval-limit")
                 run = gr.Button("Compare", variant="primary", scale=1, min_width=120, elem_id="eval-run")
@@ -243,24 +241,12 @@ def build_panel() -> SimpleNamespace:
                 table = gr.HTML("", elem_id="eval-table")
     return SimpleNamespace(empty=empty, body=body, task=task, against=against, limit=limit, run=run,
                            progress=progress, result_box=result_box, summary=summary, promote=promote_btn,
-                           promote_status=promote_status, table=table, candidate=gr.State(None),
-                           newest=gr.State(None))
+                           promote_status=promote_status, table=table, candidate=gr.State(None))
 
 
-def wire(panel: SimpleNamespace, service, promotion, triggers: list,
-         after_switch: dict, who) -> None:
-    """`triggers`: events that may change the choices (page load, task table, model card);
-    `after_switch`: the .then() that refreshes the card once a gated switch happened;
-    `who(request)`: the name a switch is recorded under."""
-    choice_keys = ("empty", "body", "task", "against", "newest")
-
-    def on_choices(task, against, newest):
-        views = choice_views(service, task, against, newest)
-        return [views[k] for k in choice_keys]
-
-    gr.on(triggers, on_choices, [panel.task, panel.against, panel.newest],
-          [getattr(panel, k) for k in choice_keys], show_progress="hidden", queue=True)
-
+def wire(panel: SimpleNamespace, promotion, after_switch: dict, who) -> None:
+    """`after_switch`: the .then() that refreshes the page once a gated switch happened;
+    `who(request)`: the name a switch is recorded under. The choices come with the page refresh."""
     run_keys = ("run", "progress", "result_box", "candidate", "summary", "table", "promote_status")
 
     def on_run(task, against, limit):

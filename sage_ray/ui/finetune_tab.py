@@ -26,7 +26,8 @@ TICK_ACTIVE_S = 1.5
 TICK_IDLE_S = 5.0
 PANEL_KEYS = ("table", "empty", "table_box", "detail", "summary", "plot", "logs")
 VIEW_KEYS = (*PANEL_KEYS,
-             *(f"btn_{a}" for a in tasks_panel.ACTIONS), "card", "dropdown", "chat_header", "timer")
+             *(f"btn_{a}" for a in tasks_panel.ACTIONS), "card", "dropdown", "chat_header",
+             *(f"eval_{k}" for k in compare_panel.CHOICE_KEYS), "timer")
 
 
 def _fingerprint(value) -> str:
@@ -62,12 +63,15 @@ def dedupe(views: dict, sig: dict | None) -> tuple[dict, dict]:
 
 
 def page_views(service, selected: str | None, tail: int) -> dict:
-    """Task panel + served model, read fresh; `timer` paces the next tick."""
+    """Task panel, served model and the compare panel's choices, read fresh; `timer` paces the
+    next tick."""
     tasks = tasks_panel.task_views(service, selected, tail)
     models = model_switch.model_views(service)
     views = {k: tasks[k] for k in PANEL_KEYS}
     views.update({f"btn_{a}": tasks[f"btn_{a}"] for a in tasks_panel.ACTIONS})
     views.update({k: models[k] for k in ("card", "dropdown", "chat_header")})
+    choices = compare_panel.choice_views(tasks["jobs"], models["models"], models["current"], tasks["selected"])
+    views.update({f"eval_{k}": v for k, v in choices.items()})
     # A plain number returned to a Timer sets its interval.
     views["timer"] = TICK_ACTIVE_S if tasks["active"] else TICK_IDLE_S
     return {"views": views, "selected": tasks["selected"]}
@@ -105,7 +109,9 @@ def wire(tab: SimpleNamespace, service, promotion, blocks: gr.Blocks, chat_heade
     panel, card = tab.panel, tab.card
     outputs = ([getattr(panel, k) for k in PANEL_KEYS]
                + [panel.buttons[a] for a in tasks_panel.ACTIONS]
-               + [card.card, card.dropdown, chat_header, tab.timer, tab.selected, tab.sig])
+               + [card.card, card.dropdown, chat_header]
+               + [getattr(tab.compare, k) for k in compare_panel.CHOICE_KEYS]
+               + [tab.timer, tab.selected, tab.sig])
     state_in = [tab.selected, panel.tail, tab.sig]
 
     def tick(selected, tail, sig):
@@ -123,9 +129,8 @@ def wire(tab: SimpleNamespace, service, promotion, blocks: gr.Blocks, chat_heade
     submitted.then(tick, state_in, outputs, **quiet)
     history = _wire_card(tab, service, promotion, blocks, chat_header)
     _wire_table(tab, service, state_in, outputs, chat_header, history)
-    compare_panel.wire(tab.compare, service, promotion, [blocks.load, panel.table.change, card.card.change],
-                       dict(fn=reload, inputs=state_in, outputs=outputs, show_progress="hidden"),
-                       model_switch.who_of)
+    compare_panel.wire(tab.compare, promotion, dict(fn=reload, inputs=state_in, outputs=outputs,
+                                                    show_progress="hidden"), model_switch.who_of)
 
 
 def _wire_card(tab, service, promotion, blocks, chat_header) -> dict:

@@ -21,7 +21,8 @@ HISTORY_SHOWN = 5
 
 
 def model_views(service) -> dict:
-    """Card, dropdown and chat header for the served model, plus the choice list's key.
+    """Card, dropdown and chat header for the served model, plus the choice list and the records
+    they were made from (the compare panel's choices come from the same read).
 
     A failing read is shown on the card instead of raising, so one broken call never
     leaves the page blank.
@@ -33,7 +34,7 @@ def model_views(service) -> dict:
         log.warning("reading models failed: %s", exc)
         message = fmt.error_text(exc)
         return {"card": fmt.error_html(message), "dropdown": gr.skip(),
-                "chat_header": f"⚠ {message}", "choices": None}
+                "chat_header": f"⚠ {message}", "choices": None, "models": None, "current": None}
     choices = fmt.model_choices(models, current)
     value = fmt.current_choice(models, current)
     dropdown = gr.update(choices=choices, value=value, info=_path_info(models, current, value))
@@ -42,6 +43,8 @@ def model_views(service) -> dict:
         "dropdown": dropdown,
         "chat_header": chat_header_md(current),
         "choices": choices,
+        "models": models,
+        "current": current,
     }
 
 

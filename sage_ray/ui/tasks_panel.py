@@ -58,7 +58,7 @@ def task_views(service, selected: str | None, tail: int = LOG_TAIL) -> dict:
     except Exception as exc:  # keep the page alive; the message says what broke
         unchanged = ("table", "table_box", "detail", "summary", "plot", "logs",
                      *(f"btn_{a}" for a in ACTIONS))
-        return {**{k: gr.skip() for k in unchanged}, "selected": selected, "active": False,
+        return {**{k: gr.skip() for k in unchanged}, "selected": selected, "active": False, "jobs": None,
                 "empty": gr.update(value=f"⚠ {fmt.error_text(exc)}", visible=True)}
     task_id = fmt.pick_task(jobs, selected)
     job = _read_job(service, jobs, task_id)
@@ -74,6 +74,7 @@ def task_views(service, selected: str | None, tail: int = LOG_TAIL) -> dict:
         "plot": fmt.loss_frame(job),
         "logs": _read_logs(service, task_id, tail),
         "active": fmt.any_active(jobs),
+        "jobs": jobs,  # the compare panel's choices come from the same read
         **{f"btn_{a}": gr.update(interactive=enabled[a]) for a in ACTIONS},
     }
 

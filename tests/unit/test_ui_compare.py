@@ -73,29 +73,28 @@ def test_compare_choices_are_completed_tasks_with_a_model_newest_first():
     assert [v for _, v in against[1:]] == [BASE["name"], MERGED["name"]]
 
 
-def test_the_compared_task_follows_the_newest_unless_the_user_picked_another():
-    assert compare_panel.pick_task(["new", "old"], None, None) == "new"
-    assert compare_panel.pick_task(["newer", "new", "old"], "new", "new") == "newer"  # was the default: follows
-    assert compare_panel.pick_task(["newer", "new", "old"], "old", "new") == "old"  # the user's pick stays
-    assert compare_panel.pick_task(["new"], "deleted", "deleted") == "new"
-    assert compare_panel.pick_task([], "x", "x") is None
-
-
-def test_choice_views_show_the_panel_once_a_task_completed_and_keep_the_against_pick():
-    service = RecordingService([job(LORA["task_id"], "completed", "2026-11-30T09:00:00")])
-    views = compare_panel.choice_views(service, None, MERGED["name"], None)
+def test_the_compared_task_is_the_one_selected_in_the_table_else_the_newest():
+    jobs = [job(MERGED["task_id"], "completed", "2026-11-29T10:15:00"),
+            job(LORA["task_id"], "completed", "2026-11-30T09:00:00"), job("run", "training", "2026-11-30T11:00:00")]
+    views = compare_panel.choice_views(jobs, [BASE, MERGED, LORA], CURRENT, MERGED["task_id"])
     assert views["body"]["visible"] is True and views["empty"]["visible"] is False
-    assert views["task"]["value"] == LORA["task_id"] and views["newest"] == LORA["task_id"]
-    assert views["against"]["value"] == MERGED["name"]
-    assert compare_panel.choice_views(service, None, "gone", None)["against"]["value"] == compare_panel.SERVED
-    empty = compare_panel.choice_views(RecordingService(), None, None, None)
+    assert views["task"]["value"] == MERGED["task_id"] and len(views["task"]["choices"]) == 2
+    assert compare_panel.choice_views(jobs, [BASE, MERGED, LORA], CURRENT, "run")["task"]["value"] == LORA["task_id"]
+    # Against gets its choices only: the page keeps the user's pick ("the served model" at first)
+    assert "value" not in views["against"] and views["against"]["choices"][0][1] == compare_panel.SERVED
+    empty = compare_panel.choice_views([], [BASE], CURRENT)
     assert empty["body"]["visible"] is False and empty["empty"]["visible"] is True
+    assert all(finetune_tab.is_skip(v) for v in compare_panel.choice_views(None, [BASE], CURRENT).values())
 
-    class Down(RecordingService):
-        def list_jobs(self):
-            raise ServiceError(503, "the registry is restarting")
 
-    assert all(finetune_tab.is_skip(v) for v in compare_panel.choice_views(Down(), None, None, None).values())
+def test_the_page_refresh_carries_the_compare_choices_and_sends_them_once():
+    service = RecordingService([job(LORA["task_id"], "completed", "2026-11-30T09:00:00")])
+    keys = finetune_tab.VIEW_KEYS
+    first = finetune_tab.refresh(service, None, 200, {})
+    assert first[keys.index("eval_task")]["value"] == LORA["task_id"]
+    assert first[keys.index("eval_body")]["visible"] is True
+    second = finetune_tab.refresh(service, first[-2], 200, first[-1])
+    assert all(finetune_tab.is_skip(second[keys.index(f"eval_{k}")]) for k in compare_panel.CHOICE_KEYS)
 
 
 def test_progress_line_names_the_model_answering_and_how_far():
