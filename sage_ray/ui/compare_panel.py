@@ -140,6 +140,10 @@ def _answer(answer: dict, other: dict) -> str:
             f'<td class="sr-num {"sr-better" if lower else ""}">{fmt.fmt_loss(answer["loss"])}</td>')
 
 
+# the answers get as much room as the reference; the losses just their figures
+COLUMNS = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in (4, 17, 23, 21, 7, 21, 7)) + "</colgroup>"
+
+
 def examples_html(result: dict) -> str:
     """Prompt, reference, and each model's answer and loss, one row per held-out prompt."""
     head = "".join(f'<th>{role} answer<div class="sr-eval-model">{_esc(result[role])}</div></th><th>loss</th>'
@@ -149,7 +153,7 @@ def examples_html(result: dict) -> str:
         f'<td><div class="sr-cell">{_esc(row["reference"])}</div></td>'
         f'{_answer(row["candidate"], row["against"])}{_answer(row["against"], row["candidate"])}</tr>'
         for i, row in enumerate(result["examples"], 1))
-    return (f'<table class="sr-eval-table"><thead><tr><th>#</th><th>prompt</th><th>reference</th>{head}</tr>'
+    return (f'<table class="sr-eval-table">{COLUMNS}<thead><tr><th>#</th><th>prompt</th><th>reference</th>{head}</tr>'
             f"</thead><tbody>{rows}</tbody></table>")
 
 

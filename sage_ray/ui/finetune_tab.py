@@ -154,7 +154,9 @@ def _wire_card(tab, service, promotion, blocks, chat_header) -> dict:
         out = model_switch.rollback(service, promotion, who=model_switch.who_of(request))
         return out["status"], out["card"], out["dropdown"], out["chat_header"]
 
-    card.dropdown.input(on_switch, card.dropdown, card_out).then(**history)
+    # .select, not .input: Gradio 6.31 sends a dropdown's input twice per pick (on the pick and on the
+    # blur that follows), which switched twice and recorded both
+    card.dropdown.select(on_switch, card.dropdown, card_out).then(**history)
     card.rollback.click(on_rollback, None, card_out).then(**history)
     return history
 

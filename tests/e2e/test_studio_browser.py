@@ -2,6 +2,9 @@
 upload a broken dataset (inline error) and a good one (preview as the model sees it), start
 a fine-tune of the tiny model from the form, watch progress and the loss chart move, reload
 mid-training, see it complete, hot-switch to the fine-tuned model and chat with it (streamed).
+Then issue 14's page: roll back to the base, compare the fine-tune with it on the held-out
+records the dataset's automatic split kept out of training (progress, figures, answers side by
+side), and serve it only if it is better.
 
 Screenshots of every step go to $SAGE_TEST_ARTIFACTS or tests/e2e/artifacts/; the Finetune
 tab with the completed task is also saved as docs/studio.png (the README's picture) when
@@ -36,6 +39,7 @@ SWITCH_TIMEOUT_MS = 120_000
 PROMPT = "Can you suggest a quick breakfast idea?"
 MAX_NEW_TOKENS = 48
 ACTIVE = ("queued", "preparing", "training")
+COMPARE_TIMEOUT_MS = 240_000  # a Ray task on the head node loads both models and answers every prompt
 
 # [id, model, status, progress, loss, created] of the task table's row for a task id, or null.
 ROW_JS = """(id) => {
@@ -139,6 +143,22 @@ def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Tab")  # commits the value (Gradio's change event)
+
+
+def inner_text(page, selector: str) -> str:
+    return page.evaluate("(s) => document.querySelector(s)?.innerText || ''", selector)
+
+
+def record_texts(page, selector: str, name: str) -> None:
+    """Keep every text `selector` shows in window[name]: a streamed value passes through several."""
+    page.evaluate("""([selector, name]) => {
+        const box = document.querySelector(selector);
+        window[name] = [];
+        new MutationObserver(() => {
+          const text = box.innerText, seen = window[name];
+          if (seen[seen.length - 1] !== text) seen.push(text);
+        }).observe(box, {childList: true, subtree: true, characterData: true});
+    }""", [selector, name])
 
 
 def test_finetune_and_chat_in_the_browser(page, studio_url, artifacts, tmp_path):
@@ -322,4 +342,83 @@ def test_finetune_and_chat_in_the_browser(page, studio_url, artifacts, tmp_path)
         assert served["name"] == task_id and served["state"] == "active", served
         shot("chat")
         mark("chatted")
+
+    # 8. Roll back: the base is served again, and the recent switches say who did what.
+    with shot.step("rollback"):
+        page.click("#tab-finetune-button")
+        wait_js(page, "() => document.querySelector('#rollback-button button, button#rollback-button')?.disabled === false",
+                None, 30_000, "Roll back to be enabled")
+        page.click("#rollback-button")
+        wait_js(page, "() => document.querySelector('#switch-status')?.innerText.includes('Rolled back')", None,
+                SWITCH_TIMEOUT_MS, "Roll back's answer")
+        rolled = inner_text(page, "#switch-status")
+        assert f"Rolled back from {task_id} to tiny-qwen2" in rolled and "switched and active" in rolled, rolled
+        wait_js(page, "() => document.querySelector('#current-model-card .sr-model-name')?.innerText === 'tiny-qwen2'",
+                None, 30_000, "the card to show tiny-qwen2 again")
+        wait_js(page, "() => /rollback/.test(document.querySelector('#switch-history')?.innerText)", None, 30_000,
+                "the rollback in the recent switches")
+        history = inner_text(page, "#switch-history").splitlines()
+        assert history[0].startswith("Recent switches"), history
+        # newest first: the rollback, then step 6's one switch (one pick, one switch), each with who asked
+        assert len(history) == 3, history
+        assert re.search(rf"rollback {task_id} → tiny-qwen2 · \S+ \(web UI\)$", history[1]), history
+        assert re.search(rf"switch tiny-qwen2 → {task_id} · \S+ \(web UI\)$", history[2]), history
+        served = httpx.get(f"{studio_url}/api/finetune/current-model", timeout=30).json()
+        assert served["name"] == "tiny-qwen2", served
+        mark("rolled back")
+
+    # 9. Compare the fine-tune with the served base on its held-out records, side by side.
+    with shot.step("compare"):
+        from sage_ray.data.split import auto_fraction, held_out_count
+
+        records = len(json.loads(CHAT_DATA.read_text()))
+        held_out = held_out_count(records, auto_fraction(records))
+        page.wait_for_selector("#eval-body", state="visible")
+        assert page.locator("#eval-task input").input_value() == f"{task_id} (LoRA)"  # the newest, by default
+        wait_js(page, "() => document.querySelector('#eval-against input')?.value === "
+                      "'the served model (tiny-qwen2)'", None, 30_000, "Against to name the served base")
+        record_texts(page, "#eval-progress", "__progress")
+        page.click("#eval-run")
+        page.wait_for_selector("#eval-summary table", timeout=COMPARE_TIMEOUT_MS)
+        answering = [t for t in page.evaluate("window.__progress") if t.startswith("answering:")]
+        assert answering and re.fullmatch(rf"answering: \S+ \d+/{2 * held_out}", answering[-1]), answering
+        summary = inner_text(page, "#eval-summary")
+        assert re.search(rf"{task_id} is (not )?better than tiny-qwen2: held-out loss \d+\.\d{{4}} vs "
+                         rf"\d+\.\d{{4}} on {held_out} prompts", summary), summary
+        for figure in ("held-out loss (mean, lower is better)", "exact match", "contains the reference"):
+            assert figure in summary, summary
+        rows = page.locator("#eval-table tbody tr")
+        assert rows.count() == held_out
+        cells = [c.strip() for c in rows.nth(0).locator("td").all_inner_texts()]
+        assert len(cells) == 7 and cells[1] and cells[2], cells  # #, prompt, reference, answer, loss, answer, loss
+        assert re.fullmatch(r"\d+\.\d{4}", cells[4]) and re.fullmatch(r"\d+\.\d{4}", cells[6]), cells
+        assert inner_text(page, "#eval-progress").strip() == ""  # the progress line gives way to the result
+        assert page.locator("#eval-run").is_enabled()  # ready for another comparison
+        page.locator("#eval-panel").screenshot(path=str(artifacts / "compare-panel.png"))
+        shot("compare")
+        mark("compared")
+
+    # 10. Serve it if better: the gated switch compares again with the served model, then switches
+    # or says why not, with the figures.
+    with shot.step("serve-if-better"):
+        page.click("#eval-promote")
+        page.wait_for_selector("#eval-promote-status .sr-ok, #eval-promote-status .sr-warn, "
+                               "#eval-promote-status .sr-error", timeout=COMPARE_TIMEOUT_MS)
+        answer = inner_text(page, "#eval-promote-status")
+        better = "is better than" in summary
+        if better:
+            assert f"{task_id}: switched and active (held-out loss" in answer, answer
+            expected_card = task_id
+        else:
+            assert "not switched" in answer and "it must be lower" in answer, answer
+            expected_card = "tiny-qwen2"
+        wait_js(page, "(name) => document.querySelector('#current-model-card .sr-model-name')?.innerText === name",
+                expected_card, 30_000, f"the card to show {expected_card}")
+        served = httpx.get(f"{studio_url}/api/finetune/current-model", timeout=30).json()
+        assert served["name"] == expected_card, (answer, served)
+        if better:
+            wait_js(page, "() => /held-out loss/.test(document.querySelector('#switch-history li')?.innerText)",
+                    None, 30_000, "the gated switch and its figures in the recent switches")
+        shot("serve-if-better")
+        mark("served if better")
     print(f"\ne2e timings (s since the page opened): {timings}")
