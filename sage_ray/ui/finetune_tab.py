@@ -129,8 +129,13 @@ def wire(tab: SimpleNamespace, service, promotion, blocks: gr.Blocks, chat_heade
     submitted.then(tick, state_in, outputs, **quiet)
     history = _wire_card(tab, service, promotion, blocks, chat_header)
     _wire_table(tab, service, state_in, outputs, chat_header, history)
-    compare_panel.wire(tab.compare, promotion, dict(fn=reload, inputs=state_in, outputs=outputs,
-                                                    show_progress="hidden"), model_switch.who_of)
+
+    def after_gated_switch(selected, tail, sig):  # the card's last message is stale now: clear it
+        return [""] + reload(selected, tail, sig)
+
+    compare_panel.wire(tab.compare, promotion, dict(fn=after_gated_switch, inputs=state_in,
+                                                    outputs=[card.status] + outputs, show_progress="hidden"),
+                       model_switch.who_of)
 
 
 def _wire_card(tab, service, promotion, blocks, chat_header) -> dict:

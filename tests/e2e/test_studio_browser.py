@@ -416,6 +416,8 @@ def test_finetune_and_chat_in_the_browser(page, studio_url, artifacts, tmp_path)
                 expected_card, 30_000, f"the card to show {expected_card}")
         served = httpx.get(f"{studio_url}/api/finetune/current-model", timeout=30).json()
         assert served["name"] == expected_card, (answer, served)
+        wait_js(page, "() => !document.querySelector('#switch-status')?.innerText.includes('Rolled back')", None,
+                30_000, "the card's stale rollback message to go")
         if better:
             wait_js(page, "() => /held-out loss/.test(document.querySelector('#switch-history li')?.innerText)",
                     None, 30_000, "the gated switch and its figures in the recent switches")
