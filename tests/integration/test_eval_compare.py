@@ -162,3 +162,25 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     assert passed.json()["comparison"]["candidate"]["mean_loss"] < passed.json()["comparison"]["against"]["mean_loss"]
     gated = studio.get("/api/finetune/switches", params={"limit": 1}).json()[0]
     assert gated["to_model"] == "eval-learned" and gated["figures"] == passed.json()["comparison"]
+
+
+def test_a_canary_answers_its_share_and_a_plain_switch_ends_it(ray_cluster, tiny_model_dir, topic_data, studio):
+    tune("eval-learned", tiny_model_dir, *topic_data)
+    body = {"model_path": str(tiny_model_dir), "canary": "eval-learned", "weight": 0.5}
+    answer = studio.post("/api/finetune/switch-model", json=body)
+    assert answer.status_code == 200, answer.text
+    assert studio.get("/api/finetune/current-model").json()["canary"] == {"name": "eval-learned", "weight": 0.5}
+    listed = {m["id"]: m for m in studio.get("/v1/models").json()["data"]}
+    assert listed["eval-learned"]["canary_weight"] == 0.5
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    served = [studio.post("/v1/chat/completions", json=hi).json()["model"] for _ in range(40)]
+    assert 5 <= served.count("eval-learned") <= 35 and len(set(served)) == 2, served  # both answer, by weight
+    named = {studio.post("/v1/chat/completions", json={**hi, "model": "eval-learned"}).json()["model"]
+             for _ in range(5)}
+    assert named == {"eval-learned"}
+    for bad, field in (({**body, "weight": 1.5}, "weight"), ({"model_path": "eval-learned", "weight": 0.2}, "canary")):
+        refused = studio.post("/api/finetune/switch-model", json=bad)
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"], refused.text
+    assert studio.get("/api/finetune/current-model").json()["canary"]["name"] == "eval-learned"  # refused: unchanged
+    assert studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned"}).status_code == 200
+    assert studio.get("/api/finetune/current-model").json()["canary"] is None
