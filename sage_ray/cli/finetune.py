@@ -44,6 +44,8 @@ def start(
     validation_split: Optional[float] = typer.Option(None, help="Fraction of --data held out for evaluation (sft). "
                                                                 "(default: 0.1 of datasets of 50+ records, else 0)"),
     eval_steps: Optional[int] = typer.Option(None, help="Evaluate every N steps and at the end (default: ~10 per run)."),
+    keep: Optional[str] = typer.Option(None, help="The adapter exported: 'last' (the last step's) or 'best' (the "
+                                                  "lowest eval loss; needs a validation set). (default: last)"),
     method: Optional[str] = typer.Option(None, help="sft (supervised), dpo or orpo (chosen/rejected pairs), kto "
                                                    "(labelled replies). (default: sft)"),
     beta: Optional[float] = typer.Option(None, help="dpo/orpo/kto: preference strength (default: 0.1)."),
@@ -73,7 +75,7 @@ def start(
     base = load_train_config(config) if config else None
     cfg = jobs_call(build_config, base, task=task, model=model, data=str(data) if data else None,
                     val_data=str(val_data) if val_data else None, validation_split=validation_split,
-                    eval_steps=eval_steps, method=method, beta=beta, preset=preset, epochs=epochs,
+                    eval_steps=eval_steps, keep=keep, method=method, beta=beta, preset=preset, epochs=epochs,
                     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
                     lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
                     save_steps=save_steps, cpus_per_worker=cpus_per_worker)

@@ -42,11 +42,11 @@ def topic_data(tmp_path_factory):
     return write_jsonl(folder / "train.jsonl", records[10:]), write_jsonl(folder / "val.jsonl", records[:10])
 
 
-def tune(name, model_dir, data, val_data, steps=24):
+def tune(name, model_dir, data, val_data, steps=24, **extra):
     if name not in _RUNS:
         cfg = TrainConfig(name=name, model=str(model_dir), data=str(data), val_data=str(val_data), max_steps=steps,
                           batch_size=4, lr=5e-3, max_length=128, eval_steps=6, save_steps=100, cpus_per_worker=1,
-                          lora={"target_modules": TARGETS})
+                          lora={"target_modules": TARGETS}, **extra)
         _RUNS[name] = finetune(cfg)
     return _RUNS[name]
 
@@ -131,7 +131,11 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     records = [json.loads(line) for line in train.read_text().splitlines()]
     wrong = write_jsonl(train.parent / "wrong.jsonl", [{"instruction": r["instruction"], "output": c["output"][:200]}
                                                       for r, c in zip(records, code)])
-    tune("eval-wrong", tiny_model_dir, wrong, val)
+    wrong_run = tune("eval-wrong", tiny_model_dir, wrong, val, keep="best")
+    # keep 'best': the adapter of its lowest eval loss is the one exported, and the log says so
+    kept, metrics = wrong_run.meta["kept"], wrong_run.meta["metrics"]
+    assert kept == {"keep": "best", "step": metrics["best_eval_step"], "eval_loss": metrics["best_eval_loss"]}
+    assert f"keep best: the adapter of step {kept['step']}" in wrong_run.paths.train_log.read_text()
 
     assert studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned"}).status_code == 200
     refused = studio.post("/api/finetune/switch-model", json={"model_path": "eval-wrong", "require_better": True})
