@@ -272,12 +272,15 @@ class Models:
         return _pick(CurrentModel, self._c.request("GET", "/api/finetune/current-model"))
 
     def switch(self, ref: str, timeout: float = SWITCH_TIMEOUT_S, require_better: bool = False,
-               prompts: str | None = None) -> str:
+               prompts: str | None = None, canary: str | None = None, weight: float | None = None) -> str:
         """Serve `ref` (a registry name, a task id or a path); returns the Studio's message:
         "switched and active", or "switched; takes effect when the LLM service starts".
         `require_better`: only if its held-out loss beats the served model's (on `prompts` if
-        given); else StudioError(409) whose `detail["comparison"]` holds the figures."""
-        body = {"model_path": ref, "require_better": require_better, "prompts": prompts}
+        given); else StudioError(409) whose `detail["comparison"]` holds the figures.
+        `canary` with `weight` (e.g. 0.1): that model answers this share of the requests that
+        name no model (`current().raw["canary"]` shows it); a switch without one serves `ref` alone."""
+        body = {"model_path": ref, "require_better": require_better, "prompts": prompts, "canary": canary,
+                "weight": weight}
         answer = self._c.request("POST", "/api/finetune/switch-model", json=body,
                                  timeout=None if require_better else timeout)
         return answer["message"]

@@ -54,6 +54,7 @@ class TrainConfig(_Strict):
     val_data: str | None = Field(None, description="Validation file (same formats as data), evaluated every eval_steps; sft only.")
     validation_split: float | None = Field(None, ge=0, lt=1, description="Fraction of data held out for evaluation; None: 10% (at most 200 records) of datasets of 50 records or more, else 0; sft only.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate on the validation set every N optimizer steps and at the end; None: about 10 times per run.")
+    keep: Literal["last", "best"] = Field("last", description="The adapter exported: the last step's, or the one of the evaluation with the lowest eval loss (needs a validation set).")
     method: Method = Field("sft", description="Training method: sft (supervised replies), dpo or orpo (chosen/rejected pairs), kto (replies labelled true/false, or pairs).")
     beta: float | None = Field(None, gt=0, description="dpo/orpo/kto only: how strongly the preferences pull away from the base (TRL's beta); None: 0.1.")
     preset: PresetName = Field("auto", description="Memory preset; 'auto' picks by the worker's free GPU memory, else 'cpu'.")
@@ -97,9 +98,10 @@ class TrainConfig(_Strict):
         if self.val_data and self.validation_split:
             raise ValueError(f"val_data and validation_split={self.validation_split} both pick a validation set: "
                              "give one (a file, or a fraction of data held out)")
-        if self.method != "sft" and (self.val_data or self.validation_split):
-            raise ValueError(f"evaluation (val_data, validation_split) is for method sft only; {self.method} runs "
-                             "train without a validation set: remove val_data / validation_split")
+        asked = [f for f in ("val_data", "validation_split") if getattr(self, f)] + (["keep"] if self.keep == "best" else [])
+        if self.method != "sft" and asked:
+            raise ValueError(f"evaluation ({', '.join(asked)}) is for method sft only; {self.method} runs "
+                             f"train without a validation set: remove {' / '.join(asked)}")
         return self
 
     # Checks against `method` (declared before these fields, so info.data has it): the error then

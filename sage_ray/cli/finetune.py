@@ -44,6 +44,8 @@ def start(
     validation_split: Optional[float] = typer.Option(None, help="Fraction of --data held out for evaluation (sft). "
                                                                 "(default: 0.1 of datasets of 50+ records, else 0)"),
     eval_steps: Optional[int] = typer.Option(None, help="Evaluate every N steps and at the end (default: ~10 per run)."),
+    keep: Optional[str] = typer.Option(None, help="The adapter exported: 'last' (the last step's) or 'best' (the "
+                                                  "lowest eval loss; needs a validation set). (default: last)"),
     method: Optional[str] = typer.Option(None, help="sft (supervised), dpo or orpo (chosen/rejected pairs), kto "
                                                    "(labelled replies). (default: sft)"),
     beta: Optional[float] = typer.Option(None, help="dpo/orpo/kto: preference strength (default: 0.1)."),
@@ -73,7 +75,7 @@ def start(
     base = load_train_config(config) if config else None
     cfg = jobs_call(build_config, base, task=task, model=model, data=str(data) if data else None,
                     val_data=str(val_data) if val_data else None, validation_split=validation_split,
-                    eval_steps=eval_steps, method=method, beta=beta, preset=preset, epochs=epochs,
+                    eval_steps=eval_steps, keep=keep, method=method, beta=beta, preset=preset, epochs=epochs,
                     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora_r=lora_r,
                     lora_alpha=lora_alpha, max_length=max_length, num_workers=workers, name=name, merge=merge,
                     save_steps=save_steps, cpus_per_worker=cpus_per_worker)
@@ -116,7 +118,46 @@ def quickstart(
     jobs_call(find_cluster, address)
     result = run_with_progress(cfg, address)
     console.print(f"[green]done[/] task [bold]{result.task_id}[/]: merged model at {result.model_path}")
+    show_held_out(result)
     show_sample_reply(result.model_path, entry["sample_prompt"])
+
+
+def show_held_out(result) -> None:
+    """The base and the fine-tune on the records training held out: each one's loss on the
+    reference replies and how often its greedy answer holds the reference."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from sage_ray import comparison
+    from sage_ray.paths import sage_home
+    from sage_ray.serve.engines.base import ModelSpec
+
+    meta = result.meta
+    tuned = ModelSpec(result.task_id, str(result.model_path), "merged" if meta["merged_path"] else "lora",
+                      base_path=meta["base_model_path"])
+    base = ModelSpec(Path(meta["base_model"]).name, meta["base_model_path"], "base")
+    source = {"task": result.task_id, "home": str(sage_home())}
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                      transient=True) as progress:
+            bar = progress.add_task("held-out records: loading the models", total=None)
+            outcome = comparison.compare(tuned, base, source, limit=8, on_progress=lambda p: progress.update(
+                bar, completed=p["done"], total=p["total"], description=f"held-out records: {p['model']}"))
+    except comparison.CompareError as err:
+        console.print(f"[dim]no held-out figures: {err}[/]")
+        return
+    summary = outcome["summary"]
+    table = Table(title=f"held-out records ({summary['examples']}): base vs fine-tune", title_justify="left")
+    for column in ("model", "loss", "exact match", "contains reference"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, key in ((f"base ({base.name})", "against"), (f"fine-tune ({result.task_id})", "candidate")):
+        figures = summary[key]
+        loss = "-" if figures["mean_loss"] is None else f"{figures['mean_loss']:.3f}"
+        table.add_row(label, loss, f"{figures['exact_match']:.0%}",
+                      f"{figures['contains_reference']:.0%}")
+    console.print(table)
+    console.print(f"[dim]each answer side by side, with the Studio running: sage finetune compare "
+                  f"{result.task_id} --against {base.path}[/]")
 
 
 def show_sample_reply(model_path: Path, prompt: str) -> None:

@@ -73,11 +73,19 @@ def switch(model: str = typer.Argument(..., help="A registry name, task id or pa
            if_better: bool = typer.Option(False, "--if-better", help="Switch only if its held-out loss beats the "
                                                                      "served model's (exit 1 with the figures if not)."),
            prompts: Optional[Path] = typer.Option(None, help="--if-better: judge on this file instead."),
+           canary: Optional[str] = typer.Option(None, help="A second model that answers --weight of the requests "
+                                                           "naming no model (a canary)."),
+           weight: Optional[float] = typer.Option(None, help="The canary's share of requests, e.g. 0.1."),
            url: Optional[str] = typer.Option(None, help=URL_HELP)) -> None:
     """Serve another model; every switch is recorded (`sage studio rollback` undoes it)."""
-    body = {"model_path": model, "require_better": if_better, "prompts": str(prompts.resolve()) if prompts else None}
+    body = {"model_path": model, "require_better": if_better, "prompts": str(prompts.resolve()) if prompts else None,
+            "canary": canary, "weight": weight}
     answer = _request(url, "POST", "/api/finetune/switch-model", json=body)
-    console.print(f"{answer['model']['name']}: {answer['message']}")
+    served = answer["model"]
+    console.print(f"{served['name']}: {answer['message']}")
+    if served.get("canary"):
+        console.print(f"canary: {served['canary']['name']} answers {served['canary']['weight']:.0%} of the requests "
+                      "that name no model")
     if answer.get("comparison"):
         console.print(_figures(answer["comparison"]))
 

@@ -43,10 +43,11 @@ def split_records(records: list[T], fraction: float, seed: int) -> tuple[list[T]
 def resolve_validation(cfg: TrainConfig, records: int) -> tuple[TrainConfig, str]:
     """The config with validation_split decided (auto -> a number), and the sentence for the log.
 
-    An explicit eval_steps with no validation set is refused: it would be silently ignored."""
+    An explicit eval_steps or keep 'best' with no validation set is refused: it would be silently ignored."""
     if cfg.num_workers > 1:  # each worker would evaluate a shard and wait on the others: not implemented
-        if cfg.val_data or cfg.validation_split or cfg.eval_steps is not None:
-            field = "val_data" if cfg.val_data else "validation_split" if cfg.validation_split else "eval_steps"
+        if cfg.val_data or cfg.validation_split or cfg.eval_steps is not None or cfg.keep == "best":
+            field = ("val_data" if cfg.val_data else "validation_split" if cfg.validation_split
+                     else "eval_steps" if cfg.eval_steps is not None else "keep")
             raise ConfigError(f"field '{field}': evaluation with num_workers {cfg.num_workers} is not implemented; "
                               "train with one worker for eval loss, or remove it")
         return cfg.model_copy(update={"validation_split": 0.0}), "validation set: none (evaluation runs with one worker)"
@@ -59,9 +60,10 @@ def resolve_validation(cfg: TrainConfig, records: int) -> tuple[TrainConfig, str
         how = (f"automatic: 10% of datasets of {AUTO_MIN_RECORDS}+ records" if cfg.method == "sft"
                else f"method {cfg.method} trains without one")
     held = held_out_count(records, fraction)
-    if held == 0 and cfg.eval_steps is not None:
-        raise ConfigError(f"field 'eval_steps': there is no validation set to evaluate ({records} records, "
-                          "validation_split 0): give val_data or a validation_split, or remove eval_steps")
+    for field, asked in (("eval_steps", cfg.eval_steps is not None), ("keep", cfg.keep == "best")):
+        if held == 0 and asked:
+            raise ConfigError(f"field '{field}': there is no validation set to evaluate ({records} records, "
+                              f"validation_split 0): give val_data or a validation_split, or remove {field}")
     cfg = cfg.model_copy(update={"validation_split": fraction})
     if held == 0:
         return cfg, f"validation set: none ({how}; {records} records); set validation_split or val_data for eval loss"

@@ -50,17 +50,19 @@ def with_llm_user_config(config: dict[str, Any], user_config: dict[str, Any]) ->
 
 
 def declare_model(settings: StudioSettings, app_name: str, ref: str, details: dict[str, Any] | None = None,
-                  version: int = 0) -> bool:
-    """Declare `ref` as the app's model by a whole-config deploy (on top of `details`, Serve's
-    current state, fetched if not given); True when the app had a config already (the switch
-    happens in place), False when this deploy takes the app over."""
+                  version: int = 0, canary: dict[str, Any] | None = None) -> bool:
+    """Declare `ref` (and its `canary`, {"model", "weight"}, or none) as the app's model by a
+    whole-config deploy (on top of `details`, Serve's current state, fetched if not given); True
+    when the app had a config already (the switch happens in place), False when this deploy
+    takes the app over."""
     client = _client()
     details = details or client.get_serve_details()
     if app_name not in details.get("applications", {}):
         return False  # deleted meanwhile (`sage studio stop`): a declaration must not bring it back
     mine = app_config(details, app_name, settings)
     previous = next((d.get("user_config") for d in mine.get("deployments", []) if d.get("name") == LLM_DEPLOYMENT), None)
-    user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref, "version": version}
+    user_config = {**settings.llm_user_config(), **(previous or {}), "model": ref, "version": version,
+                   "canary": canary}
     others = [copy.deepcopy(app["deployed_app_config"]) for name, app in details.get("applications", {}).items()
               if name != app_name and app.get("deployed_app_config")]
     body: dict[str, Any] = {"applications": [*others, with_llm_user_config(mine, user_config)]}
@@ -80,14 +82,14 @@ class BackgroundDeployer:
 
     def __init__(self, settings: StudioSettings, app_name: str):
         self.settings, self.app_name = settings, app_name
-        self._pending: tuple[str, int] | None = None
+        self._pending: tuple[str, int, dict | None] | None = None
         self._busy = False
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def submit(self, ref: str, version: int) -> None:
+    def submit(self, ref: str, version: int, canary: dict[str, Any] | None = None) -> None:
         with self._cv:
-            self._pending = (ref, version)
+            self._pending = (ref, version, canary)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sage-config-deploy", daemon=True)
                 self._thread.start()
@@ -102,9 +104,9 @@ class BackgroundDeployer:
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._pending is not None)
-                (ref, version), self._pending, self._busy = self._pending, None, True
+                (ref, version, canary), self._pending, self._busy = self._pending, None, True
             try:
-                declare_model(self.settings, self.app_name, ref, version=version)
+                declare_model(self.settings, self.app_name, ref, version=version, canary=canary)
             except Exception:  # the switch is in force; only its survival of a restart is at stake
                 log.exception("sage-ray: the config deploy declaring %r failed", ref)
             with self._cv:

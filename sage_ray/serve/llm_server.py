@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections import OrderedDict
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from typing import Any, AsyncIterator, Callable
 from ray import serve
 
 from sage_ray.errors import SageError
+from sage_ray.serve.canary import Canary
 from sage_ray.serve.engines.base import Engine, ModelSpec, SamplingParams, vllm_usable
 from sage_ray.serve.gpu_lending import GpuLoans
 from sage_ray.serve.settings import LLM_DEPLOYMENT, StudioSettings
@@ -118,6 +120,9 @@ class LLMServer:
         self._engine_options: dict[str, Any] = {}
         self._loading: dict[str, asyncio.Future] = {}
         self.loans = GpuLoans()
+        self.canary: Canary | None = None  # declared with the model
+        self.canary_spec: ModelSpec | None = None  # loaded: requests without a model go to it by weight
+        self._random = random.Random()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Declare the model to serve. The first call (replica start) waits for it to load;
@@ -127,24 +132,26 @@ class LLMServer:
         ref = str(user_config.get("model") or self.settings.model)
         if self.active is None and self.declared is None and self.settings.gpu_policy == "release":
             await self.loans.inherit(self.registry, _node_id(), _app_name())
-        switch = self._declare(ref, int(user_config.get("version") or 0))
+        switch = self._declare(ref, int(user_config.get("version") or 0), Canary.from_config(user_config.get("canary")))
         if switch is not None and self.active is None:
             await switch
 
-    async def declare(self, ref: str, version: int) -> dict[str, Any]:
+    async def declare(self, ref: str, version: int, canary: dict[str, Any] | None = None) -> dict[str, Any]:
         """The fast path of a switch with one replica: declared straight to it and awaited; the
         config deploy that follows (same ref and version) makes it durable and is a no-op here."""
-        switch = self._declare(ref, version)
+        switch = self._declare(ref, version, Canary.from_config(canary))
         if switch is not None:
             # an adapter switch ends in milliseconds; a full model load is followed by polling
             await asyncio.wait([switch], timeout=DECLARE_WAIT_S)
         return self.status_dict()
 
-    def _declare(self, ref: str, version: int) -> asyncio.Task | None:
+    def _declare(self, ref: str, version: int, canary: Canary | None = None) -> asyncio.Task | None:
         # Declarations carry the time they were made: one that arrives after a newer one (a
         # config deploy trailing a direct declaration) is stale and ignored.
-        if version < self.version or (ref == self.declared and self.state in ("active", "loading")):
+        unchanged = ref == self.declared and canary == self.canary and self.state in ("active", "loading")
+        if version < self.version or unchanged:
             return None
+        self.canary = canary
         # "loading" from the moment of the declaration: a reader must never see the new model
         # declared next to the old one's "active" and take the switch for done (or failed)
         self.version, self.declared, self.state = version, ref, "loading"
@@ -170,11 +177,27 @@ class LLMServer:
                 self.state = "active" if self.active else "failed"
                 await asyncio.to_thread(self.registry.record_serving, self.status_dict())
                 return
-            self.active, self.error, self.state = spec, None, "active"
+            self.active, self.error = spec, None
+            await self._load_canary(ref)
+            self.state = "active"
             self.swaps += 1
             self._ready.set()
             log.info("LLMServer: serving %s (%s) after %.2f s", spec.name, spec.kind, time.monotonic() - started)
             await asyncio.to_thread(self.registry.record_serving, self.status_dict())
+
+    async def _load_canary(self, ref: str) -> None:
+        """Load the declared canary next to the new model; one that cannot load is dropped, with the
+        error on record (the model serves alone)."""
+        self.canary_spec = None
+        if self.canary is None:
+            return
+        try:
+            spec = await asyncio.to_thread(self.registry.spec, self.canary.model)
+            await self._engine_for(spec)
+            self.canary_spec = spec
+        except Exception as err:
+            self.error = f"the canary {self.canary.model!r} could not load ({err}); {ref!r} serves alone"
+            log.error("LLMServer: %s", self.error)
 
     async def _restore(self, spec: ModelSpec) -> None:
         try:
@@ -246,6 +269,8 @@ class LLMServer:
             engine = self.engines[active.full_model_path]
             if self.loans.silences(engine):
                 raise self._lent_error()
+            if model is None and self.canary_spec is not None and self._random.random() < self.canary.weight:
+                return await self._engine_for(self.canary_spec), self.canary_spec
             return engine, active
         spec = await asyncio.to_thread(self.registry.spec, model)
         return await self._engine_for(spec), spec
@@ -284,6 +309,8 @@ class LLMServer:
         return {"declared": self.declared, "state": self.state, "error": self.error, "swaps": self.swaps,
                 "active": None if active is None else {"name": active.name, "kind": active.kind,
                                                        "path": active.path, "base_path": active.base_path},
+                "canary": None if self.canary_spec is None else {"name": self.canary_spec.name,
+                                                                 "weight": self.canary.weight},
                 "loaded_bases": list(self.engines), "version": self.version, "pid": os.getpid(),
                 "engine": next((engine.name for engine in reversed(self.engines.values())), None),
                 "stats": {base: engine.stats() for base, engine in self.engines.items()},

@@ -63,7 +63,8 @@ def build_openai_router(service) -> APIRouter:
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": m["name"], "object": "model", "created": _created(m.get("created_at")), "owned_by": "sage-ray",
-             "kind": m["kind"], "base_model": m.get("base_model"), "active": m["active"]}
+             "kind": m["kind"], "base_model": m.get("base_model"), "active": m["active"],
+             "canary_weight": m.get("canary_weight")}
             for m in service.list_models()]}
 
     @router.post("/chat/completions")

@@ -95,8 +95,6 @@ class FineTuneRequest(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "FineTuneRequest":
-        if self.validation_file is not None:
-            raise ValueError("validation_file: held-out evaluation is not supported by this server yet; leave it out")
         if self.hyperparameters and self.method and self.method.hyperparameters():
             raise ValueError(f"give hyperparameters once: in method.{self.method.type}.hyperparameters")
         return self
@@ -130,8 +128,9 @@ class FineTuning:
 
     def create(self, body: FineTuneRequest) -> dict[str, Any]:
         dataset = self.files.get(body.training_file, param="training_file")["path"]
+        held_out = self.files.get(body.validation_file, param="validation_file")["path"] if body.validation_file else None
         hp = body.effective_hyperparameters()
-        request = {"model": body.model, "data": dataset, "seed": body.seed,
+        request = {"model": body.model, "data": dataset, "val_data": held_out, "seed": body.seed,
                    "name": f"{body.suffix or 'ftjob'}-{secrets.token_hex(6)}",
                    "epochs": None if hp.n_epochs == "auto" else hp.n_epochs,
                    "batch_size": None if hp.batch_size == "auto" else hp.batch_size,
@@ -159,7 +158,8 @@ class FineTuning:
                 "finished_at": _ts(record.get("finished_at")) if record["status"] in ("completed", "failed", "cancelled")
                 else None, "model": config.get("model"), "fine_tuned_model": model["name"] if model else None,
                 "organization_id": "sage-ray", "status": status, "hyperparameters": hyper,
-                "training_file": self.files.by_path(config.get("data")) or config.get("data"), "validation_file": None,
+                "training_file": self.files.by_path(config.get("data")) or config.get("data"),
+                "validation_file": self.files.by_path(config.get("val_data")) or config.get("val_data"),
                 "result_files": [], "trained_tokens": None, "error": error, "seed": config.get("seed"),
                 "estimated_finish": int(time.time() + eta) if eta and status == "running" else None,
                 "method": method,
@@ -216,7 +216,16 @@ class FineTuning:
         return [{"id": f"ftckpt-{task_id}-{step}", "object": "fine_tuning.job.checkpoint",
                  "created_at": _ts(record.get("finished_at")), "fine_tuned_model_checkpoint": model["name"],
                  "fine_tuning_job_id": task_id, "step_number": step,
-                 "metrics": {"step": step, "train_loss": record.get("loss")}}]
+                 "metrics": {"step": step, "train_loss": record.get("loss"), **_valid_metrics(record)}}]
+
+
+def _valid_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """OpenAI's validation figures of a job: its last evaluation's loss and token accuracy."""
+    history = record.get("eval_history") or []
+    if not history:
+        return {}
+    _step, loss, accuracy = history[-1]
+    return {"full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
 
 
 def _event(task_id: str, number: int, created: int | None, message: str, kind: str = "message",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sage_ray import comparison
+from sage_ray.serve.canary import Canary
 from sage_ray.serve.resolve import spec_of, within_roots
 from sage_ray.serve.service import ServiceError, StudioService, user_error
 
@@ -70,9 +71,10 @@ class Promotion:
             yield event
 
     def switch(self, ref: str, *, require_better: bool = False, prompts: str | None = None,
-               who: str | None = None) -> dict[str, Any]:
-        """Switch to `ref`; with `require_better`, only when it beats the served model on held-out
-        loss (409 with the figures otherwise, the served model untouched)."""
+               who: str | None = None, canary: Canary | None = None) -> dict[str, Any]:
+        """Switch to `ref` (with a `canary` beside it, or alone); with `require_better`, only when
+        it beats the served model on held-out loss (409 with the figures otherwise, the served
+        model untouched)."""
         before = self.served()
         figures = None
         if require_better:
@@ -84,7 +86,7 @@ class Promotion:
                 raise ServiceError(409, f"not switched: {ref!r} has held-out loss {mine} against {theirs} for the "
                                         f"served {before!r} ({figures['examples']} examples); it must be lower",
                                    {"comparison": figures})
-        answer = self.service.switch_model(ref, who=who, figures=figures)
+        answer = self.service.switch_model(ref, who=who, figures=figures, canary=canary)
         return {**answer, **({"comparison": figures} if figures else {})}
 
     def _task_of(self, ref: str) -> str:

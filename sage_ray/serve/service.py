@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from sage_ray.errors import SageError
 from sage_ray.serve import deploy
+from sage_ray.serve.canary import Canary
 from sage_ray.serve.model_registry import ServingRegistry
 from sage_ray.serve.resolve import ModelRefError, spec_of, within_roots
 from sage_ray.serve.settings import StudioSettings
@@ -72,11 +73,14 @@ class StudioService:
 
     # ---- models -------------------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:
-        active = (self._serving() or {}).get("active") or {}
+        serving = self._serving() or {}
+        active, canary = serving.get("active") or {}, serving.get("canary") or {}
         models = []
         for artifact in self.registry.list_artifacts():
             group = "base" if artifact["kind"] == "base" else "finetuned"
-            models.append({**artifact, "group": group, "active": artifact["name"] == active.get("name")})
+            share = canary.get("weight") if artifact["name"] == canary.get("name") else None
+            models.append({**artifact, "group": group, "active": artifact["name"] == active.get("name"),
+                           "canary_weight": share})
         return sorted(models, key=lambda m: (m["group"] != "base", m.get("created_at") or ""), reverse=False)
 
     def _serving(self) -> dict[str, Any] | None:
@@ -100,7 +104,8 @@ class StudioService:
         record = self.registry.get_artifact(active["name"]) or {}
         return {"name": active["name"], "kind": active["kind"], "path": active["path"],
                 "base_model": record.get("base_model") or active.get("base_path"),
-                "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error")}
+                "state": serving["state"], "declared": serving.get("declared"), "error": serving.get("error"),
+                "canary": serving.get("canary")}
 
     def served_ref(self) -> str:
         """The served model as a reference that finds it again: its registry name, else its folder."""
@@ -114,42 +119,56 @@ class StudioService:
         return current.get("path") or current["name"]
 
     def switch_model(self, ref: str, wait_s: float = SWITCH_WAIT_S, *, who: str | None = None,
-                     action: str = "switch", figures: dict[str, Any] | None = None) -> dict[str, Any]:
+                     action: str = "switch", figures: dict[str, Any] | None = None,
+                     canary: Canary | None = None) -> dict[str, Any]:
         """Declare `ref` as the served model (every replica reconfigures in place) and wait until
-        it answers. A model that fails to load leaves the old one serving: 422 with the error.
+        it answers; with `canary`, that model answers its share of the requests naming no model.
+        A model that fails to load leaves the old one serving: 422 with the error.
         A switch that happens is recorded (who, from, to, `figures`), so rollback can undo it."""
         before = self.served_ref()
-        answer = self._switch(ref, wait_s)
+        if canary is not None:
+            canary = Canary(self._declared_name(canary.model), canary.weight)
+        answer = self._switch(self._declared_name(ref), wait_s, canary)
+        if canary is not None:
+            figures = {**(figures or {}), "canary": canary.as_config()}
         self.registry.record_switch(action, answer["model"]["name"], from_model=before, who=who, figures=figures)
+        if canary is not None and not answer["model"].get("canary"):
+            raise ServiceError(422, answer["model"].get("error") or f"the canary {canary.model!r} did not load",
+                               {"model": answer["model"]})
         return answer
 
-    def _switch(self, ref: str, wait_s: float) -> dict[str, Any]:
+    def _declared_name(self, ref: str) -> str:
+        """How `ref` is declared to the LLM replicas: its registry name, or a bare folder's path;
+        checked first (its folder, an adapter's base too, or its shared copy is there)."""
         try:
             artifact = self.registry.artifact(ref)
-            spec_of(artifact, fetch=False, roots=self.settings.roots())  # its folder (an adapter's base too) or its shared copy is there
+            spec_of(artifact, fetch=False, roots=self.settings.roots())
         except Exception as err:
             raise user_error(err) from None
-        name = artifact["name"] if artifact.get("created_at") else artifact["path"]  # registered, or a bare path
+        return artifact["name"] if artifact.get("created_at") else artifact["path"]
+
+    def _switch(self, name: str, wait_s: float, canary: Canary | None) -> dict[str, Any]:
         self.registry.set_active_model(name)
         version = time.time_ns()
+        declared = canary.as_config() if canary else None
         if self.llm is not None and self.settings.llm_replicas == 1:
-            status = self._declare_directly(name, version, wait_s)
+            status = self._declare_directly(name, version, declared)
             if status is not None:
-                self.deployer.submit(name, version)  # durable: a restarted replica comes back with it
+                self.deployer.submit(name, version, declared)  # durable: a restarted replica comes back with it
                 return {"model": self.current_model(self._check_switched(name, status, wait_s)), "message": ACTIVE}
         details = deploy.serve_details()
         running = deploy.deployment_status(details, self.app_name) in ("HEALTHY", "UPDATING")
-        deploy.declare_model(self.settings, self.app_name, name, details, version=version)
+        deploy.declare_model(self.settings, self.app_name, name, details, version=version, canary=declared)
         if not running or self.llm is None:
             return {"model": self.current_model(), "message": PENDING}
         self._wait_for(name, wait_s)
         return {"model": self.current_model(), "message": ACTIVE}
 
-    def _declare_directly(self, name: str, version: int, wait_s: float) -> dict[str, Any] | None:
+    def _declare_directly(self, name: str, version: int, canary: dict[str, Any] | None) -> dict[str, Any] | None:
         """The one LLM replica switched by a direct call (a LoRA of the loaded base: a few ms);
         None when it cannot be reached (not started yet): then only the config deploy declares."""
         try:
-            return self.llm.declare.remote(name, version).result(timeout_s=DIRECT_DECLARE_S)
+            return self.llm.declare.remote(name, version, canary).result(timeout_s=DIRECT_DECLARE_S)
         except Exception:
             return None
 

@@ -65,8 +65,10 @@ class StudioSettings(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="The model served at start: a registry name, task id, "
                                                   "path, 'demo' (SmolLM2-135M-Instruct) or 'tiny'.")
     engine: EngineName = Field("auto", description="auto = vLLM with a GPU and vllm installed, else transformers.")
-    gpu_memory_utilization: float = Field(DEFAULT_GPU_MEMORY, gt=0, le=1,
-                                          description="Share of GPU memory vLLM may take (SAGE_STUDIO_LLM_GPU_MEMORY).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description=f"Share of GPU memory vLLM may take (SAGE_STUDIO_LLM_GPU_MEMORY; default "
+                                      f"{DEFAULT_GPU_MEMORY}). Not for vLLM on CPU, whose KV cache takes "
+                                      "VLLM_CPU_KVCACHE_SPACE GiB of RAM: refused there.")
     max_loaded_models: int = Field(2, ge=1, description="Full models one LLM replica keeps loaded (the active one "
                                                         "plus others asked for by name, e.g. side-by-side chat). "
                                                         "1 = a swap unloads first and requests wait for the new model.")

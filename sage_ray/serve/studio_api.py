@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sage_ray.comparison import MAX_EXAMPLES, MAX_LIMIT
+from sage_ray.serve.canary import canary_of
 from sage_ray.serve.promotion import Promotion
 from sage_ray.serve.service import ServiceError
 
@@ -26,6 +27,8 @@ class SwitchRequest(BaseModel):
     model_path: str
     require_better: bool = Field(False, description="Switch only if the model's held-out loss beats the served one's (409 if not).")
     prompts: str | None = Field(None, description="require_better: judge on this dataset file instead of the task's held-out set.")
+    canary: str | None = Field(None, description="A second model that answers `weight` of the requests naming no model.")
+    weight: float | None = Field(None, description="The canary's share of those requests, between 0 and 1 (e.g. 0.1).")
 
 
 class CompareRequest(BaseModel):
@@ -75,8 +78,9 @@ def build_studio_router(service) -> APIRouter:
         ref = model_path or (body.model_path if body else None)
         if not ref:
             raise ServiceError(400, "say which model: ?model_path=... or a JSON body {\"model_path\": ...}")
+        canary = canary_of(body.canary, body.weight) if body else None
         return promotion.switch(ref, require_better=require_better or bool(body and body.require_better),
-                                prompts=body.prompts if body else None, who=who(request))
+                                prompts=body.prompts if body else None, who=who(request), canary=canary)
 
     @router.post("/rollback")
     def rollback(request: Request) -> dict[str, Any]:

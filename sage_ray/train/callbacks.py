@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -144,3 +144,29 @@ def log_text(line: str, event: dict | None = None) -> str:
     text = "".join(f"{stamp} {part}\n" for part in line.splitlines())
     return text + (f"{stamp} EVENT {json.dumps(event)}\n" if event is not None else "")
 
+
+class KeepBest(TrainerCallback):
+    """keep 'best': a copy of the adapter's weights at the evaluation with the lowest eval loss
+    (LoRA weights: megabytes), put back into the model before it is saved."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.best: tuple[float, int, dict] | None = None  # (eval loss, step, weights)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and (self.best is None or loss < self.best[0]):
+            from peft import get_peft_model_state_dict
+
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+            self.best = (float(loss), state.global_step, weights)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Put the best weights back; what was kept ({"keep", "step", "eval_loss"}), None if nothing was evaluated."""
+        if self.best is None:
+            return None
+        from peft import set_peft_model_state_dict
+
+        loss, step, weights = self.best
+        set_peft_model_state_dict(self.model, weights)
+        return {"keep": "best", "step": step, "eval_loss": round(loss, 4)}

@@ -56,3 +56,4 @@ def final_eval(history: list[list]) -> dict[str, Any]:
     best = min(history, key=lambda point: point[1])
     return {"eval_loss": loss, "eval_token_accuracy": accuracy, "best_eval_loss": best[1],
             "best_eval_step": best[0]}
+

@@ -23,7 +23,7 @@ from sage_ray.data import load_dataset
 from sage_ray.data.split import split_records
 from sage_ray.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_examples
 from sage_ray.paths import TaskPaths
-from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, LogSink, ProgressCallback, RayCheckpointCallback
+from sage_ray.train.callbacks import CHECKPOINT_SUBDIR, KeepBest, LogSink, ProgressCallback, RayCheckpointCallback
 from sage_ray.train.evaluation import argmax_logits, eval_kwargs, final_eval, token_accuracy
 from sage_ray.train.preference import preference_trainer, prepare_preference_data
 from sage_ray.train.publish import local_dataset, publish_run
@@ -162,6 +162,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = load_lora_model(loop_config["model_dir"], cfg, on_gpu)
 
     progress, callbacks = make_callbacks(cfg.name, paths, rank0, loop_config["sage_home"], log)
+    keeper = KeepBest(model) if cfg.keep == "best" and val_items else None
+    if keeper is not None:
+        callbacks.append(keeper)
     with tempfile.TemporaryDirectory(prefix=f"sage-{cfg.name}-") as output_dir:
         if cfg.method == "sft":
             args = training_kwargs(cfg, output_dir, on_gpu)
@@ -187,6 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elapsed = time.perf_counter() - started
         if val_items and not progress.evaluated_at(trainer.state.global_step):
             trainer.evaluate()  # the final figures, unless the last step was an eval step already
+        kept = keeper.restore() if keeper is not None else None
 
     if rank0:
         # only the trained adapter: DPO/KTO add a frozen "ref" copy that serving must not load
@@ -194,7 +198,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tokenizer.save_pretrained(paths.lora)
         result = run_figures(trainer, output, progress, elapsed)
         result.update(dataset={**dataset.summary(), **stats}, workers=context.get_world_size(),
-                      device="cuda" if on_gpu else "cpu", method=cfg.method)
+                      device="cuda" if on_gpu else "cpu", method=cfg.method, kept=kept)
+        if kept is not None:
+            last = trainer.state.global_step
+            log(f"keep best: the adapter of step {kept['step']} (eval loss {kept['eval_loss']}) is exported"
+                + (" (the last step's)" if kept["step"] == last else f", not the last step's ({last})"))
         result = publish_run(paths, result)  # with SAGE_STORAGE: the adapter and these figures, for other nodes
         paths.result.write_text(json.dumps(result, indent=2))
     log.flush()

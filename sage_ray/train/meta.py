@@ -63,6 +63,7 @@ def build_meta(paths: TaskPaths, *, config: dict, base_model: str, base_model_pa
             if key in result or key not in OPTIONAL_METRICS},
         "loss_history": result.get("loss_history", []),
         "eval_history": result.get("eval_history", []),
+        "kept": result.get("kept"),  # keep 'best': the step whose adapter was exported, and its eval loss
         "device": device,
         "memory_estimate_gib": round(memory_estimate_gib, 3),
     }

@@ -78,6 +78,8 @@ def test_quickstart_trains_and_replies(ray_cluster, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "merged model at" in result.output and "What is the capital of Egypt?" in result.output
     assert "fine-tuned model" in result.output
+    # the held-out figures of base and fine-tune: 10% of the 50+ records were held out
+    assert "held-out records (5): base vs fine-tune" in result.output and "fine-tune (qs-qa)" in result.output
     assert result.output.count("effective config") == 1, result.output  # once: from train.log, not echoed too
     assert (ray_cluster.sage_home / "studio_finetune" / "qs-qa" / "merged_model" / "config.json").exists()
 

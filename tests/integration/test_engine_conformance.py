@@ -259,6 +259,127 @@ def test_sleep_and_wake_keep_the_model_and_its_adapters(engine, ask, loop):
     assert ask(CAPITAL, "a2").text == before
 
 
+@functools.lru_cache(maxsize=None)
+def first_step_logprobs(model_dir: str, messages: str) -> list[float]:
+    """transformers' log-probabilities of the reply's first token, over the vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sage_ray.inference import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([encode_chat(tokenizer, json.loads(messages))])).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1).tolist()
+
+
+def test_logprobs_are_the_models_and_top_logprobs_are_ranked(engine, ask, demo_model_dir):
+    reply = ask(CAPITAL, params=greedy(6, logprobs=True, top_logprobs=3))
+    assert len(reply.logprobs) == 6 and "".join(e["token"] for e in reply.logprobs) == reply.text
+    for entry in reply.logprobs:
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert top[0]["token"] == entry["token"] and top[0]["logprob"] == pytest.approx(entry["logprob"])  # greedy
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+    reference = first_step_logprobs(str(demo_model_dir), json.dumps(CAPITAL))
+    best = sorted(range(len(reference)), key=reference.__getitem__, reverse=True)[:3]
+    assert [t["logprob"] for t in reply.logprobs[0]["top_logprobs"]] == pytest.approx(
+        [reference[t] for t in best], abs=2e-3)
+    assert ask(CAPITAL, params=greedy(6)).logprobs is None  # not asked: not computed
+
+
+def test_logit_bias_bans_and_forces_tokens(engine, ask, loop):
+    tokenizer = _tokenizer(engine)
+    plain = ask(CAPITAL, params=greedy(6, logprobs=True))
+    first = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(plain.logprobs[0]["token"]))[0]
+    banned = ask(CAPITAL, params=greedy(6, logprobs=True, logit_bias={first: -100}))
+    assert banned.logprobs[0]["token"] != plain.logprobs[0]["token"]
+    forced_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" banana"))[0]
+    forced = ask(CAPITAL, params=greedy(4, logit_bias={forced_id: 100}))
+    assert forced.text == tokenizer.decode([forced_id] * 4)
+
+
+def test_frequency_and_presence_penalties_curb_repetition(engine, ask):
+    def repeats(text: str) -> int:
+        ids = _tokenizer(engine)(text, add_special_tokens=False)["input_ids"]
+        return len(ids) - len(set(ids))
+
+    plain = ask(STEPS, params=greedy(48))
+    penalised = ask(STEPS, params=greedy(48, frequency_penalty=2.0, presence_penalty=1.0))
+    assert repeats(penalised.text) < repeats(plain.text), (plain.text, penalised.text)
+
+
+def test_json_schema_is_enforced_and_a_bad_schema_is_refused(engine, ask):
+    from sage_ray.serve.engines.grammar import GrammarError
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    reply = ask(CAPITAL, params=SamplingParams(max_tokens=40, temperature=0, json_schema=schema))
+    assert reply.finish_reason == "stop" and isinstance(json.loads(reply.text)["city"], str), reply.text
+    with pytest.raises(GrammarError, match="strin"):  # a 400 naming the fault
+        ask(CAPITAL, params=SamplingParams(max_tokens=8, json_schema={"type": "object",
+                                                                      "properties": {"a": {"type": "strin"}}}))
+
+
+def test_a_raw_prompt_continues_the_text_as_transformers_does(engine, loop, demo_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The three primary colours are"
+    reply = loop.run_until_complete(complete(engine.generate(prompt, params=greedy(8))))
+    tokenizer = _tokenizer(engine)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]])
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(demo_model_dir).eval().generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+            eos_token_id=[], pad_token_id=tokenizer.pad_token_id)
+    assert reply.text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply.prompt_tokens == ids.shape[1] and reply.completion_tokens == 8
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS_TEMPLATE = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_go_through_the_served_template_or_are_refused(engine, ask, loop, demo_model_dir, adapters, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from sage_ray.inference import encode_chat
+    from sage_ray.serve.engines.base import UnsupportedParamError
+
+    with pytest.raises(UnsupportedParamError, match="tools"):  # the demo model's template has no tools
+        ask(CAPITAL, params=greedy(4, tools=TOOLS))
+    # an adapter folder carries its own template (what training used): one that renders tools
+    folder = shutil.copytree(adapters["a1"], tmp_path / "tooly")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    loop.run_until_complete(engine.load_adapter(ModelSpec("tooly", str(folder), "lora",
+                                                          base_path=str(demo_model_dir))))
+    try:
+        with_tools = ask(CAPITAL, "tooly", greedy(4, tools=TOOLS))
+        without = ask(CAPITAL, "tooly", greedy(4))
+        assert with_tools.prompt_tokens == len(encode_chat(tokenizer, CAPITAL, TOOLS)) > without.prompt_tokens
+    finally:  # vLLM keeps max_loras adapters: a1 or a2 made room for this one
+        loop.run_until_complete(engine.unload_adapter("tooly"))
+        for name in ("a1", "a2"):
+            loop.run_until_complete(engine.load_adapter(adapter_spec(name, adapters, demo_model_dir)))
+    assert engine.adapters == ["a1", "a2"]
+
+
+def _tokenizer(engine):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(engine.base_path)
+
+
 def test_shutdown_stops_serving_and_leaves_no_process(engine, ask, loop):
     loop.run_until_complete(engine.shutdown())
     with pytest.raises(EngineError, match="start"):

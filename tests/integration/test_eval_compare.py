@@ -42,11 +42,11 @@ def topic_data(tmp_path_factory):
     return write_jsonl(folder / "train.jsonl", records[10:]), write_jsonl(folder / "val.jsonl", records[:10])
 
 
-def tune(name, model_dir, data, val_data, steps=24):
+def tune(name, model_dir, data, val_data, steps=24, **extra):
     if name not in _RUNS:
         cfg = TrainConfig(name=name, model=str(model_dir), data=str(data), val_data=str(val_data), max_steps=steps,
                           batch_size=4, lr=5e-3, max_length=128, eval_steps=6, save_steps=100, cpus_per_worker=1,
-                          lora={"target_modules": TARGETS})
+                          lora={"target_modules": TARGETS}, **extra)
         _RUNS[name] = finetune(cfg)
     return _RUNS[name]
 
@@ -131,7 +131,11 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     records = [json.loads(line) for line in train.read_text().splitlines()]
     wrong = write_jsonl(train.parent / "wrong.jsonl", [{"instruction": r["instruction"], "output": c["output"][:200]}
                                                       for r, c in zip(records, code)])
-    tune("eval-wrong", tiny_model_dir, wrong, val)
+    wrong_run = tune("eval-wrong", tiny_model_dir, wrong, val, keep="best")
+    # keep 'best': the adapter of its lowest eval loss is the one exported, and the log says so
+    kept, metrics = wrong_run.meta["kept"], wrong_run.meta["metrics"]
+    assert kept == {"keep": "best", "step": metrics["best_eval_step"], "eval_loss": metrics["best_eval_loss"]}
+    assert f"keep best: the adapter of step {kept['step']}" in wrong_run.paths.train_log.read_text()
 
     assert studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned"}).status_code == 200
     refused = studio.post("/api/finetune/switch-model", json={"model_path": "eval-wrong", "require_better": True})
@@ -152,8 +156,9 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     current = studio.get("/api/finetune/current-model").json()
     assert current["path"] == str(tiny_model_dir) and current["state"] == "active"
     latest, switched = studio.get("/api/finetune/switches").json()[:2]
-    assert latest["action"] == "rollback" and latest["from_model"] == "eval-learned" and latest["who"] == "tester"
-    assert switched["action"] == "switch" and switched["to_model"] == "eval-learned"
+    # the SDK gave no x-sage-user name: its address stands for who; the switch before was "tester"'s
+    assert latest["action"] == "rollback" and latest["from_model"] == "eval-learned" and latest["who"] == "127.0.0.1"
+    assert switched["action"] == "switch" and switched["to_model"] == "eval-learned" and switched["who"] == "tester"
 
     # a gated switch that passes: the fine-tune beats the base now served, and the figures are kept
     passed = studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned", "require_better": True})
@@ -161,3 +166,25 @@ def test_gated_switch_refuses_a_worse_model_and_rollback_restores(ray_cluster, t
     assert passed.json()["comparison"]["candidate"]["mean_loss"] < passed.json()["comparison"]["against"]["mean_loss"]
     gated = studio.get("/api/finetune/switches", params={"limit": 1}).json()[0]
     assert gated["to_model"] == "eval-learned" and gated["figures"] == passed.json()["comparison"]
+
+
+def test_a_canary_answers_its_share_and_a_plain_switch_ends_it(ray_cluster, tiny_model_dir, topic_data, studio):
+    tune("eval-learned", tiny_model_dir, *topic_data)
+    body = {"model_path": str(tiny_model_dir), "canary": "eval-learned", "weight": 0.5}
+    answer = studio.post("/api/finetune/switch-model", json=body)
+    assert answer.status_code == 200, answer.text
+    assert studio.get("/api/finetune/current-model").json()["canary"] == {"name": "eval-learned", "weight": 0.5}
+    listed = {m["id"]: m for m in studio.get("/v1/models").json()["data"]}
+    assert listed["eval-learned"]["canary_weight"] == 0.5
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    served = [studio.post("/v1/chat/completions", json=hi).json()["model"] for _ in range(40)]
+    assert 5 <= served.count("eval-learned") <= 35 and len(set(served)) == 2, served  # both answer, by weight
+    named = {studio.post("/v1/chat/completions", json={**hi, "model": "eval-learned"}).json()["model"]
+             for _ in range(5)}
+    assert named == {"eval-learned"}
+    for bad, field in (({**body, "weight": 1.5}, "weight"), ({"model_path": "eval-learned", "weight": 0.2}, "canary")):
+        refused = studio.post("/api/finetune/switch-model", json=bad)
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"], refused.text
+    assert studio.get("/api/finetune/current-model").json()["canary"]["name"] == "eval-learned"  # refused: unchanged
+    assert studio.post("/api/finetune/switch-model", json={"model_path": "eval-learned"}).status_code == 200
+    assert studio.get("/api/finetune/current-model").json()["canary"] is None

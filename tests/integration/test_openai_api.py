@@ -188,9 +188,9 @@ def test_tools_go_through_the_models_own_template(client, ray_cluster):
 
 
 # ---- the fine-tuning API -------------------------------------------------------------------
-def openai_jsonl(chat_data, records: int) -> bytes:
+def openai_jsonl(chat_data, records: int, skip: int = 0) -> bytes:
     """The shipped chat conversations in OpenAI's fine-tuning format: one {"messages": [...]} per line."""
-    conversations = json.loads(chat_data.read_text())[:records]
+    conversations = json.loads(chat_data.read_text())[skip:skip + records]
     return "".join(json.dumps({"messages": c["messages"]}) + "\n" for c in conversations).encode()
 
 
@@ -256,17 +256,20 @@ def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_d
 
     training = client.files.create(file=("train.jsonl", openai_jsonl(chat_data, 8)), purpose="fine-tune")
     for bad, named in (({"method": {"type": "reinforcement"}}, "reinforcement"),
-                       ({"validation_file": training.id}, "validation_file"),
+                       ({"validation_file": "file-000000000000000000000000"}, "validation_file"),
                        ({"hyperparameters": {"n_epochs": 0}}, "n_epochs"),
                        ({"training_file": "file-000000000000000000000000"}, "training_file"),
                        ({"extra_body": {"integrations": [{"type": "wandb"}]}}, "integrations")):
         with pytest.raises(openai.BadRequestError) as err:
             client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": training.id, **bad})
         assert named in err.value.message, (bad, err.value.message)
+    held_out = client.files.create(file=("valid.jsonl", openai_jsonl(chat_data, 3, skip=8)), purpose="fine-tune")
     job = create_when_ready(client, model="tiny", training_file=training.id, suffix="breakfast", seed=7,
+                            validation_file=held_out.id,
                             method={"type": "supervised", "supervised": {"hyperparameters": {
                                 "n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 2}}})
     assert job.status == "queued" and job.id.startswith("breakfast-") and job.training_file == training.id
+    assert job.validation_file == held_out.id
     assert job.hyperparameters.batch_size == 2 and job.hyperparameters.learning_rate_multiplier == 2
     assert job.id in {j.id for j in client.fine_tuning.jobs.list()}
     # a DPO job waits in the queue behind the first: pause it, resume it, cancel it
@@ -289,4 +292,5 @@ def test_fine_tune_job_runs_and_its_model_answers_at_once(client, studio, chat_d
     assert metrics and all(e.data["loss"] > 0 for e in metrics if "loss" in e.data)
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [done.fine_tuned_model]
-    assert checkpoints[0].step_number > 0
+    assert checkpoints[0].step_number > 0 and checkpoints[0].metrics.full_valid_loss > 0  # the held-out file's loss
+    assert 0 < checkpoints[0].metrics.full_valid_mean_token_accuracy <= 1

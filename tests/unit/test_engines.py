@@ -266,7 +266,15 @@ def test_vllm_request_conversion():
     assert vllm_args.sampling_kwargs(params, [2, 7]) == {
         "n": 1, "max_tokens": 9, "temperature": 0, "top_p": 0.5, "repetition_penalty": 1.2, "stop": ["###"],
         "stop_token_ids": [2, 7], "seed": 3, "ignore_eos": False, "skip_special_tokens": True,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None, "logprobs": None,
+        "structured_outputs": None,
     }
+    asked = SamplingParams(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"5": -100}, logprobs=True,
+                           top_logprobs=3)
+    assert {k: v for k, v in vllm_args.sampling_kwargs(asked, []).items()
+            if k in ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs")} == {
+        "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {5: -100.0}, "logprobs": 3}
+    assert vllm_args.sampling_kwargs(SamplingParams(logprobs=True), [])["logprobs"] == 0  # the sampled token only
     # vLLM honours stop_token_ids even with ignore_eos: the end-of-turn ids must not go there
     params.ignore_eos = True
     assert vllm_args.sampling_kwargs(params, [2, 7])["stop_token_ids"] == []
@@ -284,7 +292,7 @@ def test_vllm_request_conversion():
 
 
 def test_vllm_checks_adapter_weights_before_vllm_sees_them(lora_dirs, tmp_path):
-    from sage_ray.serve.engines.vllm import check_adapter_weights
+    from sage_ray.serve.engines.artifacts import check_adapter_weights
 
     check_adapter_weights(str(lora_dirs["a1"]), "a1")
     config = json.loads((lora_dirs["a1"] / "adapter_config.json").read_text())
@@ -319,3 +327,20 @@ def test_model_spec_and_params_validate():
     with pytest.raises(EngineError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+def test_vllm_on_cpu_refuses_a_gpu_memory_share_instead_of_ignoring_it(monkeypatch):
+    from tests.engine_support import require_vllm
+
+    require_vllm()
+    from sage_ray.serve.engines.vllm import VLLMEngine
+
+    monkeypatch.delenv("SAGE_STUDIO_LLM_GPU_MEMORY", raising=False)
+    with pytest.raises(EngineError, match="cpu_kv_cache_gb"):
+        VLLMEngine(gpu_memory_utilization=0.5)._device_options()
+    monkeypatch.setenv("SAGE_STUDIO_LLM_GPU_MEMORY", "0.6")
+    with pytest.raises(EngineError, match="SAGE_STUDIO_LLM_GPU_MEMORY"):
+        VLLMEngine()._device_options()
+    monkeypatch.delenv("SAGE_STUDIO_LLM_GPU_MEMORY")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # restored after the test: the engine sets it
+    assert VLLMEngine(cpu_kv_cache_gb=2)._device_options()["dtype"] == "float32"  # the CPU's own sizing is taken

@@ -286,3 +286,36 @@ def test_a_huge_prompt_is_refused_before_the_engine_sees_it():
         assert await reply(server) == "/m/base/base"
 
     asyncio.run(run())
+
+
+def test_a_canary_answers_its_share_of_the_requests_that_name_no_model():
+    import random
+
+    from sage_ray.serve.canary import CanaryError, canary_of
+
+    async def run():
+        server, engines, registry = make_server()
+        server.settings.max_loaded_models = 2
+        server._random = random.Random(0)
+        await server.reconfigure({"model": "base", "version": 1, "canary": {"model": "lora", "weight": 0.25}})
+        assert server.status_dict()["canary"] == {"name": "lora", "weight": 0.25}
+        answers = [await reply(server) for _ in range(400)]
+        share = answers.count("/m/base/lora") / len(answers)
+        assert 0.18 < share < 0.32 and set(answers) == {"/m/base/base", "/m/base/lora"}, share
+        assert {await reply(server, "base") for _ in range(20)} == {"/m/base/base"}  # a named model is never rerouted
+        # a full model as the canary loads next to the served one; a canary that cannot load is dropped
+        await server.declare("base", 2, {"model": "other", "weight": 0.5})
+        assert server.status_dict()["canary"]["name"] == "other" and "/m/other/base" in {await reply(server)
+                                                                                          for _ in range(20)}
+        await server.declare("base", 3, {"model": "broken", "weight": 0.5})
+        status = server.status_dict()
+        assert status["canary"] is None and "canary 'broken' could not load" in status["error"]
+        assert {await reply(server) for _ in range(20)} == {"/m/base/base"}
+        await server.declare("lora", 4)  # a switch without a canary serves the model alone
+        assert server.status_dict()["canary"] is None and registry.serving["canary"] is None
+
+    asyncio.run(run())
+    assert canary_of(None, None) is None and canary_of("b", 0.1).weight == 0.1
+    for model, weight, named in (("b", None, "weight"), (None, 0.1, "canary"), ("b", 1.0, "weight"), ("b", 0, "weight")):
+        with pytest.raises(CanaryError, match=named):
+            canary_of(model, weight)

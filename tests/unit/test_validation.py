@@ -172,3 +172,42 @@ def test_comparison_reports_progress_per_answer_then_the_result(tmp_path, tiny_m
     assert result["summary"]["candidate"] == result["summary"]["against"] and result["summary"]["examples"] == 2
     missing = list(compare_on_node(spec, spec, {"prompts": str(tmp_path / "none.jsonl")}, 2, 64, 3))
     assert len(missing) == 1 and "none.jsonl" in missing[0]["error"]
+
+
+def test_keep_best_exports_the_weights_of_the_lowest_eval_loss(tiny_model_dir):
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from sage_ray.train.callbacks import KeepBest
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    keeper = KeepBest(model)
+    assert keeper.restore() is None  # nothing evaluated: nothing to put back
+    seen = {}
+    for step, loss in ((2, 2.0), (4, 1.0), (6, 1.5), (8, None)):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(float(step))  # each step's weights are told apart by their value
+        seen[step] = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step), None, metrics={"eval_loss": loss} if loss else {})
+    assert keeper.restore() == {"keep": "best", "step": 4, "eval_loss": 1.0}
+    restored = get_peft_model_state_dict(model)
+    assert all(torch.equal(restored[k], seen[4][k]) for k in restored) and any("lora_B" in k for k in restored)
+
+
+def test_keep_best_without_a_validation_set_is_refused_naming_keep():
+    from sage_ray.config import ConfigError, TrainConfig
+    from sage_ray.data.split import resolve_validation
+
+    with pytest.raises(ConfigError, match="field 'keep'"):
+        resolve_validation(TrainConfig(data="d.json", keep="best"), records=10)  # too few for a split
+    with pytest.raises(ConfigError, match="field 'keep'"):
+        resolve_validation(TrainConfig(data="d.json", keep="best", num_workers=2), records=500)
+    with pytest.raises(ValueError, match="keep"):
+        TrainConfig(data="d.json", keep="best", method="dpo")
+    cfg, _ = resolve_validation(TrainConfig(data="d.json", keep="best"), records=500)
+    assert cfg.validation_split > 0 and cfg.keep == "best"

@@ -7,6 +7,7 @@ EngineError and the engine keeps serving what it served.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from sage_ray.artifacts import ADAPTER_CONFIG, MODEL_CONFIG, is_adapter, is_model
@@ -73,3 +74,22 @@ def folder_stamp(path: str | Path) -> tuple:
     path = Path(path).resolve()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
     return (str(path), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+def check_adapter_weights(path: str, name: str) -> None:
+    """The adapter's weights must open and match its config's rank: vLLM reads the ranks from the
+    tensors and would serve a mismatched folder that peft refuses."""
+    from safetensors import safe_open
+
+    config, weights = adapter_config(path), os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights) or config.get("rank_pattern"):
+        return  # a .bin adapter, or ranks per module: vLLM checks those itself
+    try:
+        with safe_open(weights, "pt") as tensors:
+            ranks = {tensors.get_slice(key).get_shape()[0] for key in tensors.keys() if "lora_A" in key}
+    except Exception as error:
+        raise EngineError(f"cannot load adapter {name!r}: {weights} is not a readable safetensors file "
+                          f"({error}); re-export the adapter") from error
+    if ranks != {int(config.get("r", 0))}:
+        raise EngineError(f"cannot load adapter {name!r}: its weights have rank {sorted(ranks)} but "
+                          f"adapter_config.json says r={config.get('r')}; re-export the adapter")

@@ -22,9 +22,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from sage_ray.inference import encode_chat, renders_tools
-from sage_ray.serve.engines.base import Delta, EngineError, SamplingParams, UnsupportedParamError
-from sage_ray.serve.engines.text import IncrementalDecoder, StopMatcher
+from sage_ray.serve.engines.base import Delta, EngineError, SamplingParams
+from sage_ray.serve.engines.text import IncrementalDecoder, StopMatcher, prompt_ids
 
 
 @dataclass
@@ -76,15 +75,7 @@ class Request:
 
     def _encode(self, tokenizer) -> list[int]:
         """The prompt's token ids: the chat template over `messages`, or the raw `prompt` as it is."""
-        if self.prompt is None:
-            if self.params.tools and not renders_tools(tokenizer):
-                raise UnsupportedParamError(f"tools: the chat template of {tokenizer.name_or_path} does not render "
-                                            "tools; serve a model whose template supports tool calling")
-            return encode_chat(tokenizer, self.messages, self.params.tools)
-        ids = tokenizer(self.prompt, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise EngineError("the prompt is empty: send some text to continue")
-        return ids
+        return prompt_ids(tokenizer, self.messages, self.params.tools, self.prompt)
 
     def on_token(self, token: int) -> None:
         """Route one generated token: text out, or the end of the reply."""

@@ -68,3 +68,20 @@ class StopMatcher:
         """The held-back tail when the reply ends for another reason."""
         out, self._pending = self._pending, ""
         return out
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None, prompt: str | None = None) -> list[int]:
+    """A request's prompt token ids, as both engines build them: the chat template over
+    `messages` (with `tools` when the template renders them), or a raw `prompt` as it is."""
+    from sage_ray.inference import encode_chat, renders_tools
+    from sage_ray.serve.engines.base import EngineError, UnsupportedParamError
+
+    if prompt is None:
+        if tools and not renders_tools(tokenizer):
+            raise UnsupportedParamError(f"tools: the chat template of {tokenizer.name_or_path} does not render "
+                                        "tools; serve a model whose template supports tool calling")
+        return encode_chat(tokenizer, messages, tools)
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise EngineError("the prompt is empty: send some text to continue")
+    return ids

@@ -22,12 +22,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from sage_ray.inference import encode_chat, stop_ids_from
+from sage_ray.inference import stop_ids_from
 from sage_ray.serve.engines.artifacts import adapter_config, adapter_tokenizer, check_adapter_folder
+from sage_ray.serve.engines.artifacts import check_adapter_weights
 from sage_ray.serve.engines.artifacts import check_model_folder, folder_stamp
-from sage_ray.serve.engines.base import BASE_ADAPTER, VLLM_EXTRA, Delta, EngineError, ModelSpec, SamplingParams
-from sage_ray.serve.engines.vllm_args import CPU_KV_CACHE_ENV, DEFAULT_CPU_KV_CACHE_GB, engine_args, finish_reason
-from sage_ray.serve.engines.vllm_args import lora_rank_limit, resolve_gpu_memory, sampling_kwargs
+from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, VLLM_EXTRA, Delta, EngineError, ModelSpec
+from sage_ray.serve.engines.base import SamplingParams, UnsupportedParamError
+from sage_ray.serve.engines.grammar import TokenViews, json_grammar
+from sage_ray.serve.engines.text import prompt_ids
+from sage_ray.serve.engines.vllm_args import CPU_KV_CACHE_ENV, DEFAULT_CPU_KV_CACHE_GB, GPU_MEMORY_ENV, engine_args
+from sage_ray.serve.engines.vllm_args import finish_reason
+from sage_ray.serve.engines.vllm_args import lora_rank_limit, openai_logprobs, resolve_gpu_memory, sampling_kwargs
 from sage_ray.utils import is_available
 
 
@@ -50,12 +55,16 @@ class VLLMEngine:
     tensor_parallel_size, enforce_eager...)."""
 
     name = "vllm"
+    # every OpenAI field maps onto vLLM's own SamplingParams (json_schema: its structured outputs)
+    sampling_fields = OPENAI_SAMPLING
     # Asleep it has shut vLLM down (vLLM's own sleep mode needs CUDA): requests are refused.
     serves_asleep = False
 
     def __init__(self, *, gpu_memory_utilization: float | None = None, cpu_kv_cache_gb: float | None = None,
                  max_loras: int = 4, max_lora_rank: int = 64, **engine_options) -> None:
         self.gpu_memory = resolve_gpu_memory(gpu_memory_utilization)
+        # asked for explicitly: on CPU it would not size the KV cache, so it is refused there
+        self.gpu_memory_asked = gpu_memory_utilization is not None or GPU_MEMORY_ENV in os.environ
         if max_loras < 1:
             raise EngineError(f"max_loras must be >= 1 (adapters loaded at once), got {max_loras}")
         self.max_loras = max_loras
@@ -74,6 +83,7 @@ class VLLMEngine:
         self._asleep: tuple | None = None  # what to serve again on wake(), while asleep
         self._ids = itertools.count(1)  # vLLM needs a unique int per adapter load
         self._counts = Counter()
+        self._token_views: TokenViews | None = None  # token bytes for logprobs, per started model
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -146,6 +156,7 @@ class VLLMEngine:
         except OSError:  # no generation_config.json: the tokenizer's eos is the stop
             generation_config = None
         self._stop_ids = stop_ids_from(generation_config, self._tokenizer)
+        self._token_views = TokenViews(self._engine.model_config.get_vocab_size())
         self._adapters, self._default = {}, BASE_ADAPTER
         if spec.kind == "lora":
             await self.load_adapter(spec)
@@ -157,7 +168,14 @@ class VLLMEngine:
 
         self.device = current_platform.device_type
         if self.device != "cpu":
+            if self.cpu_kv_cache_gb is not None:
+                raise EngineError(f"cpu_kv_cache_gb applies to vLLM on CPU; on {self.device} set "
+                                  "gpu_memory_utilization (the device memory vLLM may take) instead")
             return {"max_loras": self.max_loras, **self.engine_options}
+        if self.gpu_memory_asked:
+            raise EngineError(f"gpu_memory_utilization ({GPU_MEMORY_ENV} or the engine option) does not size "
+                              "vLLM on CPU: its KV cache takes cpu_kv_cache_gb GiB of RAM "
+                              f"(or ${CPU_KV_CACHE_ENV}); set that instead and leave gpu_memory_utilization unset")
         if self.cpu_kv_cache_gb is not None or CPU_KV_CACHE_ENV not in os.environ:
             # read by the engine-core process this one spawns
             os.environ[CPU_KV_CACHE_ENV] = str(self.cpu_kv_cache_gb or DEFAULT_CPU_KV_CACHE_GB)
@@ -221,10 +239,21 @@ class VLLMEngine:
 
     # --- serving ---------------------------------------------------------------------------
 
-    async def chat(self, messages: list[dict], *, adapter: str | None = None,
-                   params: SamplingParams | None = None) -> AsyncIterator[Delta]:
-        """Stream the reply: vLLM returns the cumulative text, the new part of it is sent."""
+    def chat(self, messages: list[dict], *, adapter: str | None = None,
+             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the reply to `messages` (the served artifact's chat template, `params.tools` rendered)."""
+        return self._generate(messages, None, adapter, params)
+
+    def generate(self, prompt: str, *, adapter: str | None = None,
+                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
+        return self._generate([], prompt, adapter, params)
+
+    async def _generate(self, messages: list[dict], text: str | None, adapter: str | None,
+                        params: SamplingParams | None) -> AsyncIterator[Delta]:
+        """vLLM returns the cumulative text (and logprobs): the new part of it is sent."""
         from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         engine = self._require_started()
@@ -237,31 +266,45 @@ class VLLMEngine:
                                   "load it with load_adapter() first")
             self._adapters[name] = entry = self._adapters.pop(name)  # most recently used last
             lora, tokenizer, stop_ids = entry.request, entry.tokenizer, entry.stop_ids
+        prompt = prompt_ids(tokenizer, messages, params.tools, text)
+        if params.json_schema is not None:
+            json_grammar(params.json_schema)  # a schema the hf engine refuses is refused here too, alike
         try:
-            prompt = encode_chat(tokenizer, messages)
             sampling = VLLMSamplingParams(**sampling_kwargs(params, stop_ids))
-        except ValueError as error:
-            raise EngineError(f"bad request: {error}") from error
-        sent = ""
+        except (ValueError, VLLMClientError) as error:
+            raise UnsupportedParamError(f"vLLM refused the request: {error}") from error
+        sent, logged = "", 0
+        token_bytes = self._token_bytes(tokenizer, stop_ids) if params.logprobs else None
         try:
             async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), sampling,
                                                 uuid.uuid4().hex, lora_request=lora):
                 completion = output.outputs[0]
                 piece, sent = completion.text[len(sent):], completion.text
+                logprobs = None
+                if token_bytes is not None:
+                    logprobs = openai_logprobs(completion, logged, params.top_logprobs, tokenizer, token_bytes)
+                    logged += len(logprobs)
                 if output.finished:
                     reason = finish_reason(completion.finish_reason)
                     self._counts["requests_served"] += 1
                     self._counts["tokens_generated"] += len(completion.token_ids)
-                    yield Delta(piece, reason, len(prompt), len(completion.token_ids))
+                    yield Delta(piece, reason, len(prompt), len(completion.token_ids), logprobs)
                     return
-                if piece:
-                    yield Delta(piece)
+                if piece or logprobs:
+                    yield Delta(piece, logprobs=logprobs)
         except EngineError:
             self._counts["requests_failed"] += 1
             raise
         except Exception as error:  # a prompt over max_model_len, a dead engine core...
             self._counts["requests_failed"] += 1
+            if isinstance(error, (ValueError, VLLMClientError)):  # vLLM's own check of the request
+                raise UnsupportedParamError(f"vLLM refused the request: {error}") from error
             raise EngineError(f"vLLM failed on this request: {type(error).__name__}: {error}") from error
+
+    def _token_bytes(self, tokenizer, stop_ids: list[int]):
+        """Token id -> its exact bytes (llguidance's view of the tokenizer, as the hf engine reports them)."""
+        view = self._token_views.view(tokenizer, stop_ids)
+        return lambda token: view.decode_bytes([token])
 
     async def check_health(self) -> None:
         """Raise when vLLM's engine core is dead. Asleep is healthy: it serves again on wake()."""
@@ -339,25 +382,6 @@ class VLLMEngine:
         if self._engine is None:
             raise EngineError("the vLLM engine serves no model yet: call start(ModelSpec(...)) first")
         return self._engine
-
-
-def check_adapter_weights(path: str, name: str) -> None:
-    """The adapter's weights must open and match its config's rank: vLLM reads the ranks from the
-    tensors and would serve a mismatched folder that peft refuses."""
-    from safetensors import safe_open
-
-    config, weights = adapter_config(path), os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights) or config.get("rank_pattern"):
-        return  # a .bin adapter, or ranks per module: vLLM checks those itself
-    try:
-        with safe_open(weights, "pt") as tensors:
-            ranks = {tensors.get_slice(key).get_shape()[0] for key in tensors.keys() if "lora_A" in key}
-    except Exception as error:
-        raise EngineError(f"cannot load adapter {name!r}: {weights} is not a readable safetensors file "
-                          f"({error}); re-export the adapter") from error
-    if ranks != {int(config.get("r", 0))}:
-        raise EngineError(f"cannot load adapter {name!r}: its weights have rank {sorted(ranks)} but "
-                          f"adapter_config.json says r={config.get('r')}; re-export the adapter")
 
 
 def _require_vllm() -> None:

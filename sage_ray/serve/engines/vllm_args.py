@@ -71,7 +71,39 @@ def sampling_kwargs(params: SamplingParams, stop_token_ids: list[int]) -> dict:
         "seed": params.seed,
         "ignore_eos": params.ignore_eos,
         "skip_special_tokens": True,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "logit_bias": dict(params.logit_bias) if params.logit_bias else None,
+        # vLLM returns the sampled token's logprob plus this many top ones (0: the sampled one only),
+        # from the raw distribution by default, as the hf engine reports them
+        "logprobs": params.top_logprobs if params.logprobs else None,
+        "structured_outputs": _structured(params.json_schema),
     }
+
+
+def _structured(schema: dict | None):
+    """vLLM's structured outputs for a JSON schema, compact JSON (no free whitespace: a weak model
+    would fill the reply with it and never close the object, as the hf engine also prevents)."""
+    if schema is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+
+def openai_logprobs(completion, already: int, top: int, tokenizer, token_bytes) -> list[dict]:
+    """OpenAI's logprobs entries for the tokens of vLLM's cumulative `completion` after the first
+    `already`: {"token", "logprob", "bytes", "top_logprobs": [the `top` likeliest, by rank]}."""
+    def item(token_id: int, value: float) -> dict:
+        return {"token": tokenizer.decode([token_id]), "logprob": value, "bytes": list(token_bytes(token_id))}
+
+    entries = []
+    for token, candidates in zip(completion.token_ids[already:], (completion.logprobs or [])[already:]):
+        entry = item(token, float(candidates[token].logprob))
+        ranked = sorted((c.rank, t, c.logprob) for t, c in candidates.items() if c.rank is not None and c.rank <= top)
+        entry["top_logprobs"] = [item(t, float(value)) for _rank, t, value in ranked[:top]]
+        entries.append(entry)
+    return entries
 
 
 def finish_reason(reason: str | None) -> str:
