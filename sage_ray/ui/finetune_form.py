@@ -28,7 +28,10 @@ DEFAULT_LR = 1e-3
 DEFAULT_TASK = "chat"
 # Order of the values the form's callbacks receive (after the dataset path state).
 FORM_FIELDS = ("model", "task", "preset", "epochs", "batch_size", "lr", "lora_r",
-               "lora_alpha", "max_length", "grad_accum", "merge", "name", "method", "beta")
+               "lora_alpha", "max_length", "grad_accum", "merge", "name", "method", "beta",
+               "val_data", "validation_split", "eval_steps", "keep")
+SPLIT_CHOICES = ["auto", "0", "0.05", "0.1", "0.2"]
+SPLIT_INFO = "auto: 10% of datasets of 50+ records"
 # The method an upload switches the form to when the one chosen cannot train its records.
 METHOD_FOR_KIND = {"sft": "sft", "pairs": "dpo", "labelled": "kto"}
 METHOD_INFO = "sft: replies; dpo / orpo: chosen vs rejected pairs; kto: replies labelled good or bad."
@@ -68,6 +71,10 @@ def build_request(form: dict) -> dict:
         "method": form.get("method") or "sft",
         # 0 (Gradio's empty Number) means the default; beta only exists for the preference methods
         "beta": (_opt_float(form.get("beta")) or None) if form.get("method") in ("dpo", "orpo", "kto") else None,
+        "val_data": form.get("val_data") or None,
+        "validation_split": None if form.get("validation_split") in (None, "", "auto") else float(form["validation_split"]),
+        "eval_steps": _opt_int(form.get("eval_steps")),
+        "keep": form.get("keep") or "last",
     }
 
 
@@ -212,6 +219,26 @@ def _advanced_fields() -> dict:
                                         elem_id="task-name")
             fields["merge"] = gr.Checkbox(label="Merge the adapter into a full model after training",
                                           value=False, elem_id="merge-after")
+        fields.update(_validation_fields())
+    return fields
+
+
+def _validation_fields() -> dict:
+    """Evaluation (sft): a validation file or a held-out share, how often, which adapter to export."""
+    val_file = gr.File(label="Validation file (optional, JSON or JSONL): eval loss on it instead of a held-out share",
+                       file_types=[".json", ".jsonl"], type="filepath", height=80, elem_id="val-upload")
+    with gr.Row(equal_height=True):
+        fields = {
+            "validation_split": gr.Dropdown(label="Held out for evaluation", choices=SPLIT_CHOICES, value="auto",
+                                            allow_custom_value=True, info=SPLIT_INFO, elem_id="validation-split"),
+            "eval_steps": gr.Number(label="Evaluate every N steps", value=0, precision=0,
+                                    info="0: about 10 times per run", elem_id="eval-steps"),
+            "keep": gr.Dropdown(label="Adapter exported", choices=["last", "best"], value="last",
+                                info="best: the lowest eval loss", elem_id="keep"),
+        }
+    fields["val_data"] = gr.Textbox(visible=False, elem_id="val-data")  # the stored file's path
+    fields["val_status"] = gr.HTML("", elem_id="val-status")
+    fields["val_file"] = val_file
     return fields
 
 
@@ -262,9 +289,19 @@ def wire(form: SimpleNamespace, service, selected: gr.State):
         out = submit(service, data, *values)
         return out["status"], out["selected"]
 
+    def on_val_upload(file_path):
+        out = upload(service, file_path)
+        if out.get("info"):
+            info = out["info"]
+            note = fmt.notice_html(f"{info['filename']}: {info['records']} records to evaluate on", "ok")
+            return out["data"], note
+        return "", out["error"]["value"] if file_path else ""
+
     form.dataset.change(on_upload, [form.dataset, form.fields["method"]],
                         [form.data, form.summary, form.error, form.preview, form.fields["method"]]
                         ).then(on_plan, inputs, plan_outputs, show_progress="hidden")
+    form.fields["val_file"].change(on_val_upload, form.fields["val_file"],
+                                   [form.fields["val_data"], form.fields["val_status"]], show_progress="hidden")
     gr.on([form.fields[k].change for k in FORM_FIELDS], on_plan, inputs, plan_outputs,
           trigger_mode="always_last", show_progress="hidden")
     # The button is off while create_job runs (a Ray job submission takes seconds), so a

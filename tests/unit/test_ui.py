@@ -267,7 +267,17 @@ def test_build_request_blank_or_zero_means_the_presets_value():
     assert request == {"model": "demo", "data": "/d.json", "task": "qa", "preset": "cpu", "epochs": 2.0,
                        "batch_size": None, "lr": 1e-3, "lora": {"r": 8, "alpha": None},
                        "max_length": None, "grad_accum": 4, "merge": True, "name": None,
-                       "method": "sft", "beta": None}
+                       "method": "sft", "beta": None, "val_data": None, "validation_split": None,
+                       "eval_steps": None, "keep": "last"}
+
+
+def test_build_request_carries_the_validation_fields():
+    request = finetune_form.build_request({"data": "/d.json", "val_data": "/v.jsonl", "validation_split": "auto",
+                                           "eval_steps": 5, "keep": "best"})
+    assert {k: request[k] for k in ("val_data", "validation_split", "eval_steps", "keep")} == {
+        "val_data": "/v.jsonl", "validation_split": None, "eval_steps": 5, "keep": "best"}
+    assert finetune_form.build_request({"data": "/d.json", "validation_split": "0.2"})["validation_split"] == 0.2
+    assert finetune_form.build_request({"data": "/d.json", "validation_split": "0"})["validation_split"] == 0.0
 
 
 def test_build_request_carries_method_and_beta_only_where_it_applies():
