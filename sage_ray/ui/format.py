@@ -208,6 +208,10 @@ def model_card_html(current: dict | None) -> str:
         f'<b title="{html.escape(base_ref, quote=True)}">{base}</b></div>',
         f'<div class="sr-card-path" title="{path}">{path or EMPTY}</div>',
     ]
+    if current.get("canary"):  # a weighted pair: the canary answers its share of unnamed requests
+        canary = current["canary"]
+        rows.append(f'<div class="sr-card-meta">canary <b>{html.escape(str(canary["name"]))}</b> answers '
+                    f'{float(canary["weight"]):.0%} of the requests that name no model</div>')
     if current.get("error"):
         rows.append(error_html(str(current["error"])))
     return f'<div class="sr-card" id="current-model-card-body">{"".join(rows)}</div>'

@@ -177,6 +177,9 @@ def test_model_card_shows_state_path_on_hover_and_escapes_error():
     assert "sr-bad" in html and ">failed<" in html
     assert "&lt;oom&gt; &amp; more" in html and "<oom>" not in html
     assert "No model is served" in fmt.model_card_html(None)
+    paired = fmt.model_card_html({**CURRENT, "canary": {"name": "<b>ft", "weight": 0.1}})
+    assert "canary <b>&lt;b&gt;ft</b> answers 10% of the requests" in paired
+    assert "canary" not in fmt.model_card_html(CURRENT)
 
 
 def test_paths_holder_maps_each_dropdown_label_to_its_full_path():
