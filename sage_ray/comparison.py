@@ -155,32 +155,44 @@ def compare_events(candidate, against, source: dict[str, Any], *, limit: int = M
                    max_length: int = 1024, max_new_tokens: int = MAX_NEW_TOKENS) -> Iterator[dict[str, Any]]:
     """Compare two ModelSpecs on `source` (see load_source) in a Ray task on the head node, where
     the task folders are: yields {"progress": {"done", "total", "model"}} as each answer is
-    scored, then {"result": ...}; a user error raises CompareError. Blocks between events (call
-    it from a thread, never an event loop)."""
-    import ray
-
-    if limit < 1 or max_new_tokens < 1:
-        raise ConfigError(f"limit ({limit}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    task = ray.remote(compare_on_node).options(num_cpus=COMPARE_CPUS, num_returns="streaming",
-                                               resources={"node:__internal_head__": 0.001})
+    scored, then {"result": ...}; a user error raises CompareError. The arguments are checked
+    at the call, before any event (a streamed answer has not started yet). Blocks between
+    events (iterate it from a thread, never an event loop)."""
+    if not 1 <= limit <= MAX_LIMIT or max_new_tokens < 1:
+        raise ConfigError(f"field 'limit': {limit} must be from 1 to {MAX_LIMIT}, and max_new_tokens "
+                          f"({max_new_tokens}) at least 1")
     as_dict = lambda spec: {"name": spec.name, "path": spec.path, "kind": spec.kind,  # noqa: E731
                             "base_path": spec.base_path}
-    for ref in task.remote(as_dict(candidate), as_dict(against), source, limit, max_length, max_new_tokens):
+    return _stream(as_dict(candidate), as_dict(against), source, limit, max_length, max_new_tokens)
+
+
+def _stream(*args: Any) -> Iterator[dict[str, Any]]:
+    import ray
+
+    task = ray.remote(compare_on_node).options(num_cpus=COMPARE_CPUS, num_returns="streaming",
+                                               resources={"node:__internal_head__": 0.001})
+    for ref in task.remote(*args):
         event = ray.get(ref)
         if "error" in event:
             raise CompareError(event["error"])
         yield event
 
 
-def compare(candidate, against, source: dict[str, Any], *,
-            on_progress: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
-    """compare_events' result; `on_progress` gets each progress event on the way."""
-    for event in compare_events(candidate, against, source, **options):
+def result_of(events: Iterator[dict[str, Any]],
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The result of a comparison's events; `on_progress` gets each progress event on the way."""
+    for event in events:
         if "result" in event:
             return event["result"]
         if on_progress is not None:
             on_progress(event["progress"])
     raise CompareError("the comparison ended without a result")
+
+
+def compare(candidate, against, source: dict[str, Any], *,
+            on_progress: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+    """compare_events' result, blocking until it is there."""
+    return result_of(compare_events(candidate, against, source, **options), on_progress)
 
 
 def is_better(result: dict[str, Any]) -> bool:

@@ -37,10 +37,7 @@ class Promotion:
                 limit: int = comparison.MAX_EXAMPLES) -> dict[str, Any]:
         """The task's model and `against` (default: the served model) on the task's held-out
         records, or on the records of `prompts` (a dataset file inside the Studio's folders)."""
-        for event in self.compare_events(task_id, against, prompts, limit):
-            if "result" in event:
-                return event["result"]
-        raise ServiceError(500, "the comparison ended without a result")
+        return comparison.result_of(self.compare_events(task_id, against, prompts, limit))
 
     def compare_events(self, task_id: str, against: str | None = None, prompts: str | None = None,
                        limit: int = comparison.MAX_EXAMPLES) -> Iterator[dict[str, Any]]:
@@ -55,20 +52,18 @@ class Promotion:
         source = ({"prompts": str(Path(prompts).expanduser())} if prompts
                   else {"task": task_id, "home": str(self.service.settings.sage_home)})
         candidate, other = self._spec(artifact["name"]), self._spec(against or self.served())
-        if not 1 <= limit <= comparison.MAX_LIMIT:
-            raise ServiceError(400, f"field 'limit': {limit} must be from 1 to {comparison.MAX_LIMIT}")
-        return self._events(comparison.compare_events(candidate, other, source, limit=limit))
+        try:
+            return self._user_errors(comparison.compare_events(candidate, other, source, limit=limit))
+        except Exception as err:
+            raise user_error(err) from None
 
     @staticmethod
-    def _events(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        while True:
-            try:
-                event = next(events)
-            except StopIteration:
-                return
-            except Exception as err:
-                raise user_error(err) from None
-            yield event
+    def _user_errors(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The events, a user error on the way as the ServiceError with its status."""
+        try:
+            yield from events
+        except Exception as err:
+            raise user_error(err) from None
 
     def switch(self, ref: str, *, require_better: bool = False, prompts: str | None = None,
                who: str | None = None, canary: Canary | None = None) -> dict[str, Any]:

@@ -93,9 +93,9 @@ def build_studio_router(service) -> APIRouter:
     @router.post("/tasks/{task_id}/compare")
     def compare(task_id: str, body: CompareRequest | None = Body(None)) -> dict[str, Any]:
         body = body or CompareRequest()
-        events = promotion.compare_events(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
         if not body.stream:
-            return next(event["result"] for event in events if "result" in event)
+            return promotion.compare(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
+        events = promotion.compare_events(task_id, against=body.against, prompts=body.prompts, limit=body.limit)
         return StreamingResponse(ndjson(events), media_type="application/x-ndjson")
 
     @router.post("/upload-dataset")

@@ -155,6 +155,21 @@ class Delta:
     chat shape {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}."""
 
 
+class ChatAndPrompt:
+    """The two ways into an engine, both onto its `_generate(messages, prompt, adapter, params)`."""
+
+    def chat(self, messages: list[dict], *, adapter: str | None = None,
+             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the reply to `messages` (the served artifact's chat template, `params.tools` rendered);
+        `adapter` None = the started model, BASE_ADAPTER = the base weights."""
+        return self._generate(messages, None, adapter, params)
+
+    def generate(self, prompt: str, *, adapter: str | None = None,
+                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
+        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
+        return self._generate([], prompt, adapter, params)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the LLM deployment needs from an engine."""

@@ -26,7 +26,8 @@ from sage_ray.inference import stop_token_ids
 from sage_ray.serve.engines.artifacts import adapter_tokenizer, check_adapter_folder, check_model_folder
 from sage_ray.serve.engines.artifacts import folder_stamp
 from sage_ray.serve.engines.devices import free_memory, pad_id, pick_dtype
-from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, Delta, EngineError, ModelSpec, SamplingParams
+from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, ChatAndPrompt, Delta, EngineError, ModelSpec
+from sage_ray.serve.engines.base import SamplingParams
 from sage_ray.serve.engines.grammar import TokenViews
 from sage_ray.serve.engines.hf_batch import Request, run_batch
 
@@ -61,7 +62,7 @@ class _Served:
     token_views: TokenViews | None = None  # JSON-schema matchers and token bytes (logprobs)
 
 
-class HFEngine:
+class HFEngine(ChatAndPrompt):
     """Engine on transformers + peft. Options: device ("cpu", "cuda", "cuda:1"; default: cuda when present),
     dtype ("float32", "bfloat16", "float16"; default: fp32 on CPU, bf16 or fp16 on GPU),
     max_batch_size (requests per generate call), batch_wait_ms (how long an idle engine waits
@@ -216,16 +217,6 @@ class HFEngine:
             served.peft = None
 
     # --- serving ---------------------------------------------------------------------------
-
-    def chat(self, messages: list[dict], *, adapter: str | None = None,
-             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
-        """Stream the reply; `adapter` None = the started model, BASE_ADAPTER = the base weights."""
-        return self._generate(messages, None, adapter, params)
-
-    def generate(self, prompt: str, *, adapter: str | None = None,
-                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
-        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
-        return self._generate([], prompt, adapter, params)
 
     async def _generate(self, messages: list[dict], prompt: str | None, adapter: str | None, params) -> AsyncIterator:
         served = self._require_started()

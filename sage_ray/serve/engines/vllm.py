@@ -27,7 +27,7 @@ from sage_ray.serve.engines.artifacts import adapter_config, adapter_tokenizer, 
 from sage_ray.serve.engines.artifacts import check_adapter_weights
 from sage_ray.serve.engines.artifacts import check_model_folder, folder_stamp
 from sage_ray.serve.engines.base import BASE_ADAPTER, OPENAI_SAMPLING, VLLM_EXTRA, Delta, EngineError, ModelSpec
-from sage_ray.serve.engines.base import SamplingParams, UnsupportedParamError
+from sage_ray.serve.engines.base import ChatAndPrompt, SamplingParams, UnsupportedParamError
 from sage_ray.serve.engines.grammar import TokenViews, json_grammar
 from sage_ray.serve.engines.text import prompt_ids
 from sage_ray.serve.engines.vllm_args import CPU_KV_CACHE_ENV, DEFAULT_CPU_KV_CACHE_GB, GPU_MEMORY_ENV, engine_args
@@ -45,7 +45,7 @@ class _Adapter:
     spec: ModelSpec
 
 
-class VLLMEngine:
+class VLLMEngine(ChatAndPrompt):
     """Engine on vLLM's AsyncLLM. Options: gpu_memory_utilization (default $SAGE_STUDIO_LLM_GPU_MEMORY
     or 0.85; a GPU's share), cpu_kv_cache_gb (on CPU: RAM for the KV cache, default
     $VLLM_CPU_KVCACHE_SPACE or 1), max_loras (adapters loaded at once, default 4; the least
@@ -238,16 +238,6 @@ class VLLMEngine:
             await self._engine.remove_lora(entry.request.lora_int_id)  # False: vLLM had evicted it already
 
     # --- serving ---------------------------------------------------------------------------
-
-    def chat(self, messages: list[dict], *, adapter: str | None = None,
-             params: SamplingParams | None = None) -> AsyncIterator[Delta]:
-        """Stream the reply to `messages` (the served artifact's chat template, `params.tools` rendered)."""
-        return self._generate(messages, None, adapter, params)
-
-    def generate(self, prompt: str, *, adapter: str | None = None,
-                 params: SamplingParams | None = None) -> AsyncIterator[Delta]:
-        """Stream the continuation of a raw prompt (no chat template: /v1/completions)."""
-        return self._generate([], prompt, adapter, params)
 
     async def _generate(self, messages: list[dict], text: str | None, adapter: str | None,
                         params: SamplingParams | None) -> AsyncIterator[Delta]:
