@@ -63,7 +63,9 @@ def test_eval_loss_is_recorded_per_eval_step_and_falls(ray_cluster, tiny_model_d
     assert [step for step, _loss, _acc in evals] == [6, 12, 18, 24]
     losses = [loss for _step, loss, _acc in evals]
     assert losses[-1] < losses[0] - 0.2 and losses[-1] == min(losses), losses  # it learns what held-out records say
-    assert all(0.0 < acc <= 1.0 for _s, _l, acc in evals), evals
+    accuracies = [acc for _s, _l, acc in evals]
+    # The first eval can come before the model gets a single held-out token right (CI saw 0.0 at step 6).
+    assert all(0.0 <= acc <= 1.0 for acc in accuracies) and accuracies[-1] > accuracies[0], evals
 
     meta = json.loads(result.paths.meta.read_text())
     assert meta["eval_history"] == evals
