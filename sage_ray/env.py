@@ -48,6 +48,8 @@ TABLE: tuple[EnvVar, ...] = (
     EnvVar("SAGE_STUDIO_LLM_ENGINE", "the serving engine: auto, hf or vllm"),
     EnvVar("SAGE_STUDIO_LLM_GPU_MEMORY", "vLLM's gpu_memory_utilization (fraction of the GPU)"),
     EnvVar("SAGE_STUDIO_ALLOWED_ROOTS", "extra folders (os.pathsep-separated) the Studio may serve from"),
+    EnvVar("SAGE_STUDIO_ALLOW_HUB", "1|0: a fine-tune asked for through the Studio may name a Hub model "
+           "(default: 1 while the Studio answers loopback hosts only)"),
     EnvVar("SAGE_CHAT_BACKEND", "`sage chat`'s default --backend"),
     EnvVar("SAGE_CHAT_FINETUNE_MODEL", "`sage chat`'s default --finetune-model"),
     EnvVar("RAY_JOB_CONFIG_JSON_ENV_VAR", "set by Ray Jobs in a job's driver: its submission id"),

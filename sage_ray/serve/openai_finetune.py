@@ -20,7 +20,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import Field, model_validator
 
-from sage_ray.serve.openai_files import FileStore, only_query
+from sage_ray.serve.openai_files import FileStore
+from sage_ray.serve.query import only_query
 from sage_ray.serve.openai_schema import Strict
 from sage_ray.serve.service import ServiceError
 

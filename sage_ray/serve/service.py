@@ -248,20 +248,24 @@ class StudioService:
 
     def _base_to_train(self, ref: str) -> str:
         """The one rule for a model named in a request: a registry name, a task id, a built-in
-        model or a folder inside the allowed roots. A Hub id is refused (one request must not
-        make the ingress download a repository); a fine-tune trains on its merged model."""
-        from sage_ray.models import BUILTIN
+        model or a folder inside the allowed roots; a Hub id only where the settings allow it, and
+        then the fine-tune's job downloads it (one request must never make the ingress download a
+        repository); a fine-tune trains on its merged model."""
+        from sage_ray.models import BUILTIN, is_hub_id
 
         if ref in BUILTIN:
             return ref
         try:
             artifact = self.registry.artifact(ref)
         except ModelRefError as err:
-            if "/" in ref and not ref.startswith(("/", "~", ".")):  # owner/name: a Hub id
-                raise ServiceError(403, f"field 'model': {ref!r} is not a model the Studio has; it does not download "
-                                        "from the Hugging Face Hub. Fetch it on the head with `sage finetune start "
-                                        f"--model {ref} ...`, or put its folder under SAGE_HOME/models") from None
-            raise user_error(err) from None
+            if not is_hub_id(ref):
+                raise user_error(err) from None
+            if self.settings.hub_allowed():
+                return ref
+            raise ServiceError(403, f"field 'model': {ref!r} is not a model the Studio has, and this Studio does not "
+                                    "download from the Hugging Face Hub (it is reachable from the network). Fetch it "
+                                    f"on the head with `sage finetune start --model {ref} ...`, put its folder under "
+                                    "SAGE_HOME/models, or start the Studio with SAGE_STUDIO_ALLOW_HUB=1") from None
         if artifact["kind"] == "lora":
             raise ServiceError(400, f"field 'model': {ref!r} is a LoRA adapter; fine-tune its base, or merge it "
                                     "first (POST /api/finetune/tasks/{task_id}/merge) and fine-tune the merged model")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sage_ray import env
 from sage_ray.paths import sage_home
+from sage_ray.serve.guard import LOOPBACK_HOSTS
 
 EngineName = Literal["auto", "hf", "vllm"]
 APP_NAME = "studio"
@@ -94,6 +95,11 @@ class StudioSettings(BaseModel):
     allowed_hosts: list[str] = Field(["127.0.0.1", "localhost", "::1"],
                                      description="Host names the Studio answers to (DNS-rebinding guard); "
                                                  "'*' for any (set by `sage studio start --host` off loopback).")
+    allow_hub: bool | None = Field(None, description="Whether a fine-tune asked for through the API or the UI may "
+                                                     "name a Hugging Face Hub id (SAGE_STUDIO_ALLOW_HUB=1|0), "
+                                                     "downloaded by the fine-tune's job, never by the ingress. "
+                                                     "Default: yes while the Studio answers loopback hosts only, "
+                                                     "no once it is reachable from the network.")
     ui: bool = Field(True, description="Mount the Gradio web UI at /.")
 
     @model_validator(mode="after")
@@ -101,6 +107,12 @@ class StudioSettings(BaseModel):
         if self.api_key:
             self.api_key_hash, self.api_key = hash_key(self.api_key), None
         return self
+
+    def hub_allowed(self) -> bool:
+        """Whether a request may name a Hub model: as set, else only on a loopback-only Studio."""
+        if self.allow_hub is not None:
+            return self.allow_hub
+        return all(host in LOOPBACK_HOSTS for host in self.allowed_hosts)
 
     def check_key(self, token: str | None) -> bool:
         """True when no key is required, or `token` is the key (constant-time comparison)."""
@@ -117,7 +129,7 @@ class StudioSettings(BaseModel):
         values: dict[str, Any] = {}
         for key, var in (("model", "SAGE_STUDIO_LLM_MODEL"), ("engine", "SAGE_STUDIO_LLM_ENGINE"),
                          ("gpu_memory_utilization", "SAGE_STUDIO_LLM_GPU_MEMORY"),
-                         ("api_key", "SAGE_STUDIO_API_KEY")):
+                         ("api_key", "SAGE_STUDIO_API_KEY"), ("allow_hub", "SAGE_STUDIO_ALLOW_HUB")):
             if env.value(var):
                 values[key] = env.value(var)
         if env.value("SAGE_STUDIO_ALLOWED_ROOTS"):

@@ -10,13 +10,14 @@ import json
 import logging
 from typing import Any, Iterator
 
-from fastapi import APIRouter, Body, File, Query, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sage_ray.comparison import MAX_EXAMPLES, MAX_LIMIT
 from sage_ray.serve.canary import canary_of
 from sage_ray.serve.promotion import Promotion
+from sage_ray.serve.query import declared_query_only
 from sage_ray.serve.service import ServiceError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def ndjson(events: Iterator[dict[str, Any]]) -> Iterator[str]:
 
 
 def build_studio_router(service) -> APIRouter:
-    router = APIRouter(prefix="/api/finetune", tags=["Studio"])
+    router = APIRouter(prefix="/api/finetune", tags=["Studio"], dependencies=[Depends(declared_query_only)])
     promotion = Promotion(service)
 
     @router.get("/models")

@@ -4,6 +4,7 @@ Studio keeps serving, and nothing is written (no job, no file, no download, no s
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -24,8 +25,9 @@ def studio(ray_cluster, chat_data):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # allow_hub=False: Hub ids as a Studio reachable from the network treats them (a loopback one allows them)
     settings = StudioSettings(sage_home=str(ray_cluster.sage_home), model="tiny", engine="hf", ui=False,
-                              max_upload_mb=1, max_body_mb=2, max_prompt_chars=100_000)
+                              max_upload_mb=1, max_body_mb=2, max_prompt_chars=100_000, allow_hub=False)
     deploy_studio(settings, port=port, app_name=APP, timeout_s=300)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     uploaded = client.post("/api/finetune/upload-dataset", files={"file": ("chat.json", chat_data.read_bytes())})
@@ -57,6 +59,37 @@ def test_a_hub_id_or_an_outside_path_is_never_trained_on(studio):
         assert outside.status_code == 403 and "outside the folders" in outside.json()["error"]["message"]
     assert files_under(home / "models") == models_before  # nothing downloaded
     assert {job["task_id"] for job in client.get("/api/finetune/tasks").json()} == jobs_before
+    still_serving(client)
+
+
+def test_a_loopback_studio_plans_a_hub_model_from_its_config_alone(studio):
+    """Where Hub ids are allowed, the ingress reads config.json at most; the job downloads the rest.
+    Here (no Hub), the plan fails fast naming the model, and nothing is written."""
+    from sage_ray.serve.service import ServiceError, StudioService
+    from sage_ray.serve.settings import StudioSettings
+
+    home, hub_id = studio["home"], "sage-ray-tests/no-such-model-7f3a"
+    models_before = files_under(home / "models")
+    service = StudioService(StudioSettings(sage_home=str(home), model="tiny", ui=False))
+    assert service.settings.hub_allowed()
+    assert service._config({"model": hub_id, "data": studio["data"], "name": "hub1"}).model == hub_id
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match=f"cannot read the config.json of '{hub_id}'") as refused:
+        service.plan_job({"model": hub_id, "data": studio["data"], "name": "hub1"})
+    assert 400 <= refused.value.status < 500 and time.monotonic() - started < 15
+    assert files_under(home / "models") == models_before
+    service.settings.allow_hub = False
+    with pytest.raises(ServiceError, match="SAGE_STUDIO_ALLOW_HUB=1") as refused:
+        service.plan_job({"model": hub_id, "data": studio["data"], "name": "hub1"})
+    assert refused.value.status == 403
+
+
+def test_a_query_parameter_a_route_does_not_take_is_refused(studio):
+    client = studio["client"]
+    typo = client.post("/api/finetune/switch-model", params={"model_path": "tiny", "require_beter": "true"})
+    assert typo.status_code == 400 and "require_beter" in typo.json()["error"]["message"], typo.text
+    assert client.get("/api/finetune/tasks", params={"status": "running"}).status_code == 400
+    assert client.get("/api/finetune/switches", params={"limit": 2}).status_code == 200
     still_serving(client)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 import time
 import unicodedata
@@ -117,6 +118,39 @@ def test_unknown_hub_id_fails_fast_with_next_step(sage_home: Path):
     message = str(info.value)
     assert "cannot download 'sage-ray-tests/no-such-model-7f3a'" in message
     assert "local model folder" in message and "'demo'" in message
+
+
+def test_a_plan_reads_only_a_hub_models_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Hub model's memory estimate needs its config.json alone: from the local Hub cache when it
+    is there (a real cache layout: refs/main -> snapshots/<commit>), else a fast, clear error."""
+    import huggingface_hub.constants
+
+    from sage_ray.presets import read_model_config
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--sage-ray-tests--cached-model"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    config = {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "vocab_size": 151936,
+              "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    folder = models.config_folder("sage-ray-tests/cached-model")
+    assert folder == snapshot and read_model_config(folder)["hidden_size"] == 896
+    assert not list(folder.glob("*.safetensors"))  # no weights fetched for a plan
+
+    started = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="cannot read the config.json of 'sage-ray-tests/no-such-model-7f3a'"):
+        models.config_folder("sage-ray-tests/no-such-model-7f3a")
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("ref, hub", [("Qwen/Qwen2.5-0.5B-Instruct", True), ("/etc", False), ("a/b/c", False),
+                                      ("./x/y", False), ("x/../y", False), ("bad name/x", False), ("demo", False)])
+def test_what_reads_as_a_hub_id(ref: str, hub: bool):
+    assert models.is_hub_id(ref) is hub
 
 
 def test_resolve_tiny_builds_once_under_sage_home(sage_home: Path):

@@ -52,6 +52,18 @@ def test_a_public_host_needs_an_api_key_or_insecure(monkeypatch):
     assert refused.exit_code == 1 and "--api-key" in refused.output and "--insecure" in refused.output
 
 
+def test_hub_models_are_allowed_on_a_loopback_studio_only_unless_set(monkeypatch):
+    assert StudioSettings().hub_allowed()  # a laptop's Studio: the user's own machine downloads
+    assert not StudioSettings(allowed_hosts=["*"]).hub_allowed()  # what `--host` off loopback sets
+    monkeypatch.setenv("SAGE_STUDIO_ALLOW_HUB", "1")
+    assert StudioSettings.from_env(allowed_hosts=["*"]).hub_allowed()
+    monkeypatch.setenv("SAGE_STUDIO_ALLOW_HUB", "0")
+    assert not StudioSettings.from_env().hub_allowed()
+    monkeypatch.setenv("SAGE_STUDIO_ALLOW_HUB", "maybe")
+    with pytest.raises(ValueError, match="allow_hub"):
+        StudioSettings.from_env()
+
+
 def test_generated_config_forwards_the_storage_settings_but_no_secret(monkeypatch):
     """Replicas on other nodes fetch shared models: they get SAGE_STORAGE and the endpoint
     through the app's runtime_env; AWS keys in this shell are not copied into the config."""
