@@ -263,9 +263,10 @@ class StudioService:
             if self.settings.hub_allowed():
                 return ref
             raise ServiceError(403, f"field 'model': {ref!r} is not a model the Studio has, and this Studio does not "
-                                    "download from the Hugging Face Hub (it is reachable from the network). Fetch it "
-                                    f"on the head with `sage finetune start --model {ref} ...`, put its folder under "
-                                    "SAGE_HOME/models, or start the Studio with SAGE_STUDIO_ALLOW_HUB=1") from None
+                                    "download from the Hugging Face Hub (off by default once it is reachable from "
+                                    f"the network). Fetch it on the head with `sage finetune start --model {ref} "
+                                    "...`, put its folder under SAGE_HOME/models, or start the Studio with "
+                                    "SAGE_STUDIO_ALLOW_HUB=1") from None
         if artifact["kind"] == "lora":
             raise ServiceError(400, f"field 'model': {ref!r} is a LoRA adapter; fine-tune its base, or merge it "
                                     "first (POST /api/finetune/tasks/{task_id}/merge) and fine-tune the merged model")
