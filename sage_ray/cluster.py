@@ -179,7 +179,11 @@ def stop_local_cluster(info: ClusterInfo, timeout_s: float = 5) -> int:
     named = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(info.temp_dir in part for part in proc.info["cmdline"] or ()):
+            command = proc.info["cmdline"] or ()
+            # The Ray Client server names only ports in its command line (and outlives the cluster
+            # by minutes): it is known by its log files, open in the temp dir.
+            if any(info.temp_dir in part for part in command) or (
+                    "ray.util.client.server" in command and _holds_files_in(proc, info.temp_dir)):
                 named.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -205,6 +209,10 @@ def stop_local_cluster(info: ClusterInfo, timeout_s: float = 5) -> int:
     if state.exists() and json.loads(state.read_text()).get("temp_dir") == info.temp_dir:
         state.unlink()
     return len(mine)
+
+
+def _holds_files_in(proc, folder: str) -> bool:
+    return any(opened.path.startswith(folder) for opened in proc.open_files())
 
 
 def _recorded_cluster() -> ClusterInfo | None:
