@@ -211,17 +211,23 @@ def test_finetune_and_chat_in_the_browser(page, studio_url, artifacts, tmp_path)
 
     # 3. Small settings; the effective config shows them before Start.
     with shot.step("start"):
-        set_number(page, "batch-size", BATCH_SIZE)
-        set_number(page, "epochs", EPOCHS)
-        page.click("#advanced")
-        set_number(page, "grad-accum", GRAD_ACCUM)
-        set_number(page, "max-length", MAX_LENGTH)
-        expected = (f"batch_size: {BATCH_SIZE}", f"epochs: {float(EPOCHS)}", f"max_length: {MAX_LENGTH}",
-                    f"grad_accum: {GRAD_ACCUM}", "preset: cpu")
-        wait_js(page, """(lines) => {
+        # One field at a time, as a person fills a form: each change re-plans, and the effective
+        # config shows every value given so far (CI once saw none of four quick changes re-plan).
+        shows = """(lines) => {
             const text = document.querySelector('#effective-config')?.innerText || '';
             return lines.every((line) => text.includes(line));
-        }""", list(expected), 30_000, f"the effective config to show {expected}")
+        }"""
+        expected = ["data: ", "preset: cpu"]
+        wait_js(page, shows, expected, 30_000, "the upload's plan")
+        for elem_id, value, line in (("batch-size", BATCH_SIZE, f"batch_size: {BATCH_SIZE}"),
+                                     ("epochs", EPOCHS, f"epochs: {float(EPOCHS)}"),
+                                     ("grad-accum", GRAD_ACCUM, f"grad_accum: {GRAD_ACCUM}"),
+                                     ("max-length", MAX_LENGTH, f"max_length: {MAX_LENGTH}")):
+            if elem_id == "grad-accum":
+                page.click("#advanced")
+            set_number(page, elem_id, value)
+            expected.append(line)
+            wait_js(page, shows, expected, 30_000, f"the effective config to show {expected}")
         assert "fits" in page.inner_text("#memory-estimate")
         shot("form-ready")
         page.click("#start-button")
