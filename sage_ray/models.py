@@ -74,11 +74,8 @@ def config_folder(ref: str | os.PathLike) -> Path:
         HfApi().model_info(ref, timeout=HUB_PROBE_TIMEOUT_S)  # fails fast offline; the download retries for ~20 s
         return Path(hf_hub_download(ref, "config.json", etag_timeout=HUB_PROBE_TIMEOUT_S)).parent
     except Exception as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ModelNotFoundError(
-            f"cannot read the config.json of {ref!r} from the Hugging Face Hub (offline, unknown id or "
-            f"not a transformers model; {type(error).__name__}: {cause[:200]}). {_NEXT_STEP}"
-        ) from error
+        raise _hub_error(f"cannot read the config.json of {ref!r}", "offline, unknown id or not a transformers model",
+                         error) from error
 
 
 def ensure_demo_model(*, progress: bool = True) -> Path:
@@ -259,6 +256,13 @@ def _progress(message: str, enabled: bool) -> Iterator[None]:
         yield
 
 
+def _hub_error(what: str, likely: str, error: Exception) -> ModelNotFoundError:
+    """`what` failed on the Hub: the likely reasons, the first line of the cause, the next step."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ModelNotFoundError(f"{what} from the Hugging Face Hub ({likely}; {type(error).__name__}: {cause[:200]}). "
+                              f"{_NEXT_STEP}")
+
+
 def _from_hub(ref: str, *, progress: bool) -> Path:
     """A Hub model: the local cache first, then a download guarded by a quick probe."""
     from huggingface_hub import HfApi, snapshot_download
@@ -277,11 +281,7 @@ def _from_hub(ref: str, *, progress: bool) -> Path:
             _console().print(f"[bold]Downloading {ref} from the Hugging Face Hub...[/]")
         folder = Path(snapshot_download(ref))
     except Exception as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ModelNotFoundError(
-            f"cannot download {ref!r} from the Hugging Face Hub (offline or unknown id; "
-            f"{type(error).__name__}: {cause[:200]}). {_NEXT_STEP}"
-        ) from error
+        raise _hub_error(f"cannot download {ref!r}", "offline or unknown id", error) from error
     if not _is_model(folder):
         raise ModelNotFoundError(
             f"Hub repo {ref!r} has no config.json: it is not a transformers model. "
